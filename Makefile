@@ -1,0 +1,26 @@
+# Fresh-machine entry points. torch is pinned to the local CPU build (an unpinned torch pulls
+# several GB of CUDA wheels).
+PY ?= python
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-dev serve test test-slow lint bench
+
+install:
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e .
+
+install-dev:
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[dev]"
+
+serve: install
+	bebop serve
+
+test:
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-slow:
+	$(PY) -m pytest -q -m slow tests
+
+lint:
+	ruff check . && ruff format --check .

@@ -1,0 +1,66 @@
+"""Per-request sampling parameters, validated at construction (vLLM-shaped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How one prompt is sampled. ``temperature == 0`` means greedy.
+
+    Transforms are applied to logits in this order: temperature, top-k, top-p, min-p.
+    The same transforms are applied to the draft distribution q (DESIGN §2).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) disables
+    min_p: float = 0.0
+    max_tokens: int = 16
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k alternatives
+    raw_logprobs: bool = False  # also report log softmax of the unprocessed (T=1) logits
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "must be -1 (disabled), 0 (disabled) or >= 1"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("n", self.n >= 1, "must be >= 1"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {why}")
+        if self.seed is not None:
+            self.seed = int(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def effective_top_k(self) -> int:
+        """0 means disabled."""
+        return 0 if self.top_k in (-1, 0) else self.top_k
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """Params of the index-th of n samples: n=1 and a derived seed so samples differ."""
+        seed = None if self.seed is None else (self.seed * 1_000_003 + index) % (2**63)
+        return replace(self, n=1, seed=seed)
