@@ -1,0 +1,103 @@
+"""What the engine hands back: per-request outputs and per-step statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    """Speculative-decoding counters of one completion (or a whole engine)."""
+
+    num_drafts: int = 0  # verification steps that carried drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [γ]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification step, 1 + accepted / drafts (vLLM's definition)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def add(self, num_accepted: int, gamma: int) -> None:
+        if len(self.accepted_per_pos) < gamma:
+            self.accepted_per_pos += [0] * (gamma - len(self.accepted_per_pos))
+        self.num_drafts += 1
+        self.num_draft_tokens += gamma
+        self.num_accepted_tokens += num_accepted
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request. Lists are cumulative (the whole completion so far)."""
+
+    index: int
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[float] | None = None  # log p(token) under the processed p
+    raw_logprobs: list[float] | None = None  # log softmax of unprocessed (T=1) logits
+    top_logprobs: list[dict[int, float]] | None = None  # when SamplingParams.logprobs > 0
+    entropies: list[float] = field(default_factory=list)  # H(processed p) at each token
+    weight_versions: list[int] = field(default_factory=list)  # version that produced each token
+    finish_reason: str | None = None  # None (running) | "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # matched stop string or stop token id
+    spec: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+    @property
+    def spec(self) -> SpecStats:
+        total = SpecStats()
+        for o in self.outputs:
+            total.num_drafts += o.spec.num_drafts
+            total.num_draft_tokens += o.spec.num_draft_tokens
+            total.num_accepted_tokens += o.spec.num_accepted_tokens
+            pos = o.spec.accepted_per_pos
+            total.accepted_per_pos = [
+                a + b
+                for a, b in zip(
+                    total.accepted_per_pos + [0] * (len(pos) - len(total.accepted_per_pos)),
+                    pos + [0] * (len(total.accepted_per_pos) - len(pos)),
+                    strict=True,
+                )
+            ]
+        return total
+
+
+@dataclass
+class StepStats:
+    """What one engine step did; observers (metrics) receive one per step."""
+
+    draft_mode: str  # "rs" | "to" | "none"
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    # One entry per verified draft position: target entropy H(p_i) and whether x_i was accepted.
+    verified_entropies: list[float] = field(default_factory=list)
+    verified_accepted: list[bool] = field(default_factory=list)
+    num_running: int = 0
+    num_waiting: int = 0
+    step_seconds: float = 0.0
