@@ -1,0 +1,187 @@
+"""The synchronous engine core: requests in, `step()` out. `LLM` and `AsyncEngine` wrap it."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
+from bebop_spec.engine.postprocess import append_step
+from bebop_spec.engine.runner import ModelRunner, StepResult
+from bebop_spec.engine.scheduler import Scheduler
+from bebop_spec.engine.sequence import Sequence
+from bebop_spec.engine.weights import apply_weight_update
+from bebop_spec.errors import InvalidRequest
+from bebop_spec.models import LoadedModel, load_model
+from bebop_spec.sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if loaded is None:
+            loaded = load_model(config.model, mtp=config.mtp, dtype=_DTYPES[config.dtype],
+                                device=config.device)  # fmt: skip
+        if config.enforce_no_mtp:
+            loaded.mtp = None
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.runner = ModelRunner(loaded, config, self.max_model_len)
+        batched_tokens = max(2048, self.max_model_len)
+        self.scheduler = Scheduler(config.max_num_seqs, batched_tokens, config.max_waiting)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.prompts: dict[str, list[int]] = {}
+        self.version = 0
+        self.version_labels: dict[int, str] = {0: "default"}
+        self.spec_totals = SpecStats()
+        self.observers: list[Callable[[StepStats], None]] = []
+        self._rng = torch.Generator().manual_seed(config.seed)
+        self._seq_ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def weight_version(self) -> str:
+        return self.version_labels[self.version]
+
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
+                "(at least one token must fit after it)"
+            )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already running")
+        self.validate_prompt(prompt_ids)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; use stop_token_ids")
+        seqs = []
+        for j in range(params.n):
+            p = params.for_sample(j)
+            seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+            seqs.append(Sequence(next(self._seq_ids), request_id, j, list(prompt_ids), p,
+                                 torch.Generator().manual_seed(seed)))  # fmt: skip
+        self.scheduler.add(seqs)
+        self.requests[request_id] = seqs
+        self.prompts[request_id] = list(prompt_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seqs = self.requests.get(request_id)
+        if seqs is None:
+            return None
+        for s in seqs:
+            if not s.is_finished:
+                s.finish("abort", "aborted")
+            self.scheduler.release(s)
+        return self._pop_output(request_id)
+
+    def abort_all(self) -> list[RequestOutput]:
+        return [o for rid in list(self.requests) if (o := self.abort(rid)) is not None]
+
+    def retract_all(self) -> int:
+        return len(self.scheduler.retract_all())
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step; return outputs of every request that progressed."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        t0 = time.perf_counter()
+        if batch.kind == "prefill":
+            results = self.runner.prefill(batch.seqs)
+        else:
+            results = self.runner.decode(batch.seqs)
+        stats = StepStats(draft_mode=self.config.draft_mode or "none")
+        if batch.kind == "prefill":
+            stats.num_prompt_tokens = sum(s.num_prompt_tokens for s in batch.seqs)
+        touched: dict[str, None] = {}
+        for r in results:
+            self._apply(r, stats)
+        for s in batch.seqs:
+            touched[s.request_id] = None
+            if s.is_finished:
+                self.scheduler.release(s)
+        stats.num_running = self.num_running
+        stats.num_waiting = self.num_waiting
+        stats.step_seconds = time.perf_counter() - t0
+        for fn in self.observers:
+            fn(stats)
+        return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _apply(self, r: StepResult, stats: StepStats) -> None:
+        seq = r.seq
+        kept = append_step(seq, r, self.version, self.eos_ids, self.max_model_len, self.tokenizer)
+        stats.num_generated_tokens += kept
+        if r.num_accepted is None:
+            return
+        gamma = self.runner.gamma
+        seq.spec.add(r.num_accepted, gamma)
+        self.spec_totals.add(r.num_accepted, gamma)
+        stats.num_drafts += 1
+        stats.num_draft_tokens += gamma
+        stats.num_accepted_tokens += r.num_accepted
+        if len(stats.accepted_per_pos) < gamma:
+            stats.accepted_per_pos = [0] * gamma
+        for i in range(r.num_accepted):
+            stats.accepted_per_pos[i] += 1
+        stats.verified_entropies += r.verified_entropies
+        stats.verified_accepted += r.verified_accepted
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        out = RequestOutput(request_id, self.prompts[request_id], [s.to_output() for s in seqs])
+        if out.finished:
+            self._pop_output(request_id)
+        return out
+
+    def _pop_output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests.pop(request_id)
+        prompt = self.prompts.pop(request_id)
+        return RequestOutput(request_id, prompt, [s.to_output() for s in seqs])
+
+    # ------------------------------------------------------------------ weights
+    def weight_spec(self, selector: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        params = self.runner.parameters_by_selector(selector)
+        return {k: (tuple(v.shape), v.dtype) for k, v in params.items()}
+
+    def update_weights(self, tensors: Mapping[str, torch.Tensor], selector: str = "target",
+                       weight_version: str | None = None) -> str:  # fmt: skip
+        """Validate everything, then copy in place; the version moves only on success."""
+        params = self.runner.parameters_by_selector(selector)
+        apply_weight_update(params, tensors, self.runner.aliases(selector))
+        self.version += 1
+        self.version_labels[self.version] = weight_version or str(self.version)
+        return self.weight_version
+
+    def flush_cache(self) -> int:
+        """Drop all cached K/V: running sequences are re-prefilled under the current weights."""
+        return self.retract_all()

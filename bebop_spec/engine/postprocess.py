@@ -1,0 +1,70 @@
+"""Appending a step's tokens to a sequence: records, detokenisation and stop conditions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bebop_spec.engine.runner import StepResult
+from bebop_spec.engine.sequence import Sequence
+
+
+def append_step(
+    seq: Sequence,
+    result: StepResult,
+    version: int,
+    eos_ids: set[int],
+    max_model_len: int,
+    tokenizer: Any | None,
+) -> int:
+    """Append result's tokens one by one until a stop condition fires; returns tokens kept."""
+    params = seq.params
+    kept = 0
+    for i, tok in enumerate(result.tokens):
+        seq.token_ids.append(tok)
+        seq.logprobs.append(result.logprobs[i])
+        seq.raw_logprobs.append(result.raw_logprobs[i])
+        seq.entropies.append(result.entropies[i])
+        if result.top_logprobs is not None:
+            seq.top_logprobs.append(result.top_logprobs[i])
+        seq.weight_versions.append(version)
+        kept += 1
+        if _check_token_stop(seq, tok, eos_ids, max_model_len):
+            break
+        if params.stop and tokenizer is not None and _check_stop_string(seq, tokenizer):
+            break
+    if tokenizer is not None:
+        if seq.is_finished and isinstance(seq.stop_reason, str):
+            pass  # text already truncated at the stop string
+        else:
+            seq.text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+    return kept
+
+
+def _check_token_stop(seq: Sequence, tok: int, eos_ids: set[int], max_model_len: int) -> bool:
+    p = seq.params
+    if tok in p.stop_token_ids:
+        seq.finish("stop", tok)
+    elif not p.ignore_eos and tok in eos_ids:
+        seq.finish("stop", tok)
+    elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
+        seq.finish("length")
+    return seq.is_finished
+
+
+def _check_stop_string(seq: Sequence, tokenizer: Any) -> bool:
+    """Look for a stop string in the text's tail; truncate the text at the first match."""
+    text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+    longest = max(len(s) for s in seq.params.stop)
+    tail_from = max(0, len(seq.text) - longest)
+    best: tuple[int, str] | None = None
+    for stop in seq.params.stop:
+        idx = text.find(stop, tail_from)
+        if idx >= 0 and (best is None or idx < best[0]):
+            best = (idx, stop)
+    seq.text = text
+    if best is None:
+        return False
+    idx, stop = best
+    seq.text = text[: idx + len(stop)] if seq.params.include_stop_str_in_output else text[:idx]
+    seq.finish("stop", stop)
+    return True

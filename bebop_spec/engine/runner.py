@@ -1,0 +1,255 @@
+"""Model runner: owns the tensors (weights, KV caches) and runs prefill / decode / spec steps.
+
+Positions and caches follow docs/architecture.md. One speculative step for a batch:
+
+    1. MTP catch-up: feed the head the pending pairs (h_j, x_{j+1}); its output at the last
+       pair gives q_1, a draft d_1 is drawn; steps k = 2..γ feed (g_{k-1}, d_{k-1}).
+    2. Target verify: [x_{n-1}, d_1..d_γ] in one forward → p_1..p_{γ+1}.
+    3. `verify_chain` accepts a prefix and emits one more token (residual or bonus).
+    4. Bookkeeping: the target cache is valid up to the last accepted draft (rollback is the
+       length pointer), and the hiddens of the a+1 newly valid positions become pending pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.scheduler import prefill_len
+from bebop_spec.engine.sequence import Sequence
+from bebop_spec.models import KVCache, LoadedModel
+from bebop_spec.spec import (
+    SamplingTensors,
+    draft_tokens,
+    draw_uniforms,
+    entropy,
+    process_logits,
+    sample_from_probs,
+    verify_chain,
+)
+
+
+@dataclass
+class StepResult:
+    """New tokens of one sequence from one step, with what the metrics need."""
+
+    seq: Sequence
+    tokens: list[int]
+    logprobs: list[float]
+    raw_logprobs: list[float]
+    entropies: list[float]
+    top_logprobs: list[dict[int, float]] | None = None
+    num_accepted: int | None = None  # None: no drafts this step
+    verified_entropies: list[float] = field(default_factory=list)
+    verified_accepted: list[bool] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
+        self.config = config
+        self.target = loaded.target.eval()
+        self.mtp = loaded.mtp.eval() if loaded.mtp is not None else None
+        self.device = torch.device(config.device)
+        self.gamma = config.gamma
+        self.mode = config.draft_mode
+        if self.mode is not None and self.mtp is None:
+            raise ValueError("draft_mode needs an MTP head: pass mtp=DIR or use draft_mode=None")
+        mc = loaded.config
+        dtype = next(self.target.parameters()).dtype
+        cache_len = max_model_len + self.gamma + 1
+        self.cache = KVCache(
+            mc.num_hidden_layers, config.max_num_seqs, cache_len,
+            mc.num_key_value_heads, mc.head_dim, dtype, self.device,
+        )  # fmt: skip
+        self.mtp_cache = None
+        if self.mtp is not None and self.mode is not None:
+            self.mtp_cache = KVCache(
+                self.mtp.num_layers, config.max_num_seqs, cache_len,
+                mc.num_key_value_heads, mc.head_dim, dtype, self.device,
+            )  # fmt: skip
+
+    @property
+    def speculative(self) -> bool:
+        return self.mtp_cache is not None
+
+    # ------------------------------------------------------------------ helpers
+    def _tensor(self, rows: list[list[int]], pad: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(self.device)
+
+    def _slots(self, seqs: list[Sequence]) -> torch.Tensor:
+        return torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
+
+    def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
+        return SamplingTensors.from_params([s.params for s in seqs], self.device)
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> list[StepResult]:
+        """Feed prompts (or everything but the last token after a retract); sample token 1."""
+        rows = [s.all_ids[: prefill_len(s)] for s in seqs]
+        lens = torch.tensor([len(r) for r in rows], device=self.device)
+        ids = self._tensor(rows, pad=0)
+        pos = self._positions(lens, ids.shape[1], start=None)
+        slots = self._slots(seqs)
+        hidden = self.target(ids, pos, self.cache, slots)  # [B, L, H]
+        last = hidden[torch.arange(len(seqs), device=self.device), lens - 1]  # [B, H]
+        for s, n in zip(seqs, lens.tolist(), strict=True):
+            s.num_cached = n
+        sampled = [s for s in seqs if s.needs_sample_at_prefill]
+        results: list[StepResult] = []
+        if sampled:
+            idx = torch.tensor([i for i, s in enumerate(seqs) if s.needs_sample_at_prefill])
+            results = self._sample_one(sampled, self.target.compute_logits(last[idx.to(self.device)]))
+        if self.speculative:
+            self._prefill_mtp(seqs, hidden, lens)
+        return results
+
+    def _positions(self, lens: torch.Tensor, width: int, start: torch.Tensor | None) -> torch.Tensor:
+        """positions[b, t] = start[b] + t for t < lens[b], else the cache's scratch column."""
+        ar = torch.arange(width, device=self.device)[None, :]
+        base = ar if start is None else start[:, None] + ar
+        return torch.where(ar < lens[:, None], base, self.cache.scratch)
+
+    def _prefill_mtp(self, seqs: list[Sequence], hidden: torch.Tensor, lens: torch.Tensor) -> None:
+        """Feed the head pairs (h_j, x_{j+1}) for j < L-1; keep h_{L-1} pending."""
+        next_rows = [s.all_ids[1 : n] for s, n in zip(seqs, lens.tolist(), strict=True)]
+        if max(len(r) for r in next_rows) > 0:
+            nxt = self._tensor([r or [0] for r in next_rows], pad=0)
+            n_pairs = lens - 1
+            pos = self._positions(n_pairs, nxt.shape[1], start=None)
+            self.mtp(hidden[:, : nxt.shape[1]], nxt, pos, self.mtp_cache, self._slots(seqs),
+                     embed=self.target.embed, step=0)  # fmt: skip
+        for b, (s, n) in enumerate(zip(seqs, lens.tolist(), strict=True)):
+            s.mtp_cached = n - 1
+            s.pending_hidden = hidden[b, n - 1 : n].clone()
+
+    # ------------------------------------------------------------------ plain decode
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> list[StepResult]:
+        if self.speculative:
+            return self._spec_decode(seqs)
+        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        pos = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
+        hidden = self.target(ids, pos, self.cache, self._slots(seqs))
+        for s in seqs:
+            s.num_cached += 1
+        return self._sample_one(seqs, self.target.compute_logits(hidden[:, 0]))
+
+    def _sample_one(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepResult]:
+        """Sample one token per row from processed logits[B, V]."""
+        st = self._sampling(seqs)
+        probs = process_logits(logits, st)
+        u = draw_uniforms([s.generator for s in seqs], 1)[:, 0].to(self.device)
+        tok = sample_from_probs(probs, u)
+        return self._records(seqs, logits[:, None], probs[:, None], tok[:, None],
+                             torch.ones(len(seqs), dtype=torch.long))  # fmt: skip
+
+    # ------------------------------------------------------------------ speculative decode
+    def _spec_decode(self, seqs: list[Sequence]) -> list[StepResult]:
+        gamma, dev, B = self.gamma, self.device, len(seqs)
+        st = self._sampling(seqs)
+        u = draw_uniforms([s.generator for s in seqs], 2 * gamma + 1).to(dev)
+        slots = self._slots(seqs)
+        drafts, q = self._draft(seqs, st, u[:, :gamma], slots)  # [B, γ], [B, γ, V]
+
+        start = torch.tensor([s.num_cached for s in seqs], device=dev)
+        ids = torch.cat([torch.tensor([[s.last_token] for s in seqs], device=dev), drafts], 1)
+        pos = start[:, None] + torch.arange(gamma + 1, device=dev)[None, :]
+        hidden = self.target(ids, pos, self.cache, slots)  # [B, γ+1, H]
+        logits = self.target.compute_logits(hidden)  # [B, γ+1, V]
+        p = process_logits(logits, st)
+        num_acc, tokens = verify_chain(drafts, q, p, u[:, gamma : 2 * gamma], u[:, 2 * gamma], self.mode)
+
+        n_new = num_acc + 1
+        results = self._records(seqs, logits, p, tokens, n_new)
+        h_p = entropy(p[:, :gamma]).tolist()  # [B][γ]
+        for b, (s, r) in enumerate(zip(seqs, results, strict=True)):
+            a = int(num_acc[b])
+            r.num_accepted = a
+            n_verified = min(a + 1, gamma)
+            r.verified_entropies = h_p[b][:n_verified]
+            r.verified_accepted = [True] * a + [False] * (n_verified - a)
+            s.mtp_cached = s.num_cached
+            s.num_cached += a + 1
+            s.pending_hidden = hidden[b, : a + 1].clone()
+        del B
+        return results
+
+    def _draft(self, seqs: list[Sequence], st: SamplingTensors, u: torch.Tensor,
+               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """γ chained MTP steps → drafts[B, γ] and processed q[B, γ, V]."""
+        dev = self.device
+        pend = [s.pending_hidden for s in seqs]
+        n_pairs = torch.tensor([h.shape[0] for h in pend], device=dev)
+        width = int(n_pairs.max())
+        hid = torch.zeros(len(seqs), width, pend[0].shape[-1], dtype=pend[0].dtype, device=dev)
+        for b, h in enumerate(pend):
+            hid[b, : h.shape[0]] = h
+        nxt = self._tensor([s.all_ids[s.mtp_cached + 1 : s.num_cached + 1] for s in seqs], pad=0)
+        start = torch.tensor([s.mtp_cached for s in seqs], device=dev)
+        pos = self._positions(n_pairs, width, start)
+        g = self.mtp(hid, nxt, pos, self.mtp_cache, slots, embed=self.target.embed, step=0)
+        g = g[torch.arange(len(seqs), device=dev), n_pairs - 1]  # [B, H]
+        last_pos = start + n_pairs - 1  # position of the last real pair
+        drafts, qs = [], []
+        for k in range(self.gamma):
+            if k > 0:
+                pos_k = (last_pos + k)[:, None]
+                g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, slots,
+                             embed=self.target.embed, step=k)[:, 0]  # fmt: skip
+            q_k = process_logits(self.target.compute_logits(g), st)
+            drafts.append(draft_tokens(q_k, u[:, k], self.mode))
+            qs.append(q_k)
+        return torch.stack(drafts, 1), torch.stack(qs, 1)
+
+    # ------------------------------------------------------------------ records
+    def _records(self, seqs: list[Sequence], logits: torch.Tensor, probs: torch.Tensor,
+                 tokens: torch.Tensor, n_new: torch.Tensor) -> list[StepResult]:  # fmt: skip
+        """Per-row logprobs / entropies of tokens[B, T] (first n_new[b] valid) under probs[B, T, V]."""
+        safe = tokens.clamp_min(0)
+        lp = torch.log(probs.gather(-1, safe[..., None]).squeeze(-1)).tolist()
+        raw = torch.log_softmax(logits.float(), -1).gather(-1, safe[..., None]).squeeze(-1).tolist()
+        ent = entropy(probs).tolist()
+        tok = tokens.tolist()
+        want_top = max((s.params.logprobs or 0) for s in seqs)
+        top_v = top_i = None
+        if want_top:
+            top_v, top_i = torch.log(probs).topk(min(want_top, probs.shape[-1]), -1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+        out = []
+        for b, s in enumerate(seqs):
+            n = int(n_new[b])
+            k = s.params.logprobs or 0
+            tops = None
+            if k:
+                tops = [dict(zip(top_i[b][t][:k], top_v[b][t][:k], strict=True)) for t in range(n)]
+            out.append(StepResult(s, tok[b][:n], lp[b][:n], raw[b][:n], ent[b][:n], tops))
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def parameters_by_selector(self, selector: str) -> dict[str, torch.nn.Parameter]:
+        params: dict[str, torch.nn.Parameter] = {}
+        if selector in ("target", "all"):
+            params.update(dict(self.target.named_parameters()))
+        if selector in ("draft", "all"):
+            if self.mtp is None:
+                if selector == "draft":
+                    raise ValueError("selector 'draft' but the engine has no MTP head")
+            else:
+                params.update(dict(self.mtp.named_parameters()))
+        if selector not in ("target", "draft", "all"):
+            raise ValueError(f"selector={selector!r} must be target, draft or all")
+        return params
+
+    def aliases(self, selector: str) -> dict[str, str]:
+        """Names a trainer may send that are stored under another name here (tied embeddings)."""
+        names = dict(self.target.named_parameters())
+        if "lm_head.weight" not in names and selector in ("target", "all"):
+            return {"lm_head.weight": "model.embed_tokens.weight"}
+        return {}

@@ -1,0 +1,55 @@
+"""Atomic in-place weight updates: validate every tensor first, then copy.
+
+A rejected update raises `WeightUpdateError` before any parameter is touched, so the old
+weights keep serving. Accepted dtypes: any floating dtype (cast to the parameter's dtype);
+integer/bool tensors are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from bebop_spec.errors import WeightUpdateError
+
+
+def validate_weight_update(
+    params: Mapping[str, torch.nn.Parameter],
+    tensors: Mapping[str, torch.Tensor],
+    aliases: Mapping[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Map update names to parameter names and check them all; returns {param_name: tensor}."""
+    aliases = aliases or {}
+    if not tensors:
+        raise WeightUpdateError("weight update carries no tensors")
+    resolved: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        target = aliases.get(name, name)
+        if target not in params:
+            raise WeightUpdateError(f"unknown parameter name {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise WeightUpdateError(f"{name}: not a tensor")
+        p = params[target]
+        if tuple(t.shape) != tuple(p.shape):
+            raise WeightUpdateError(
+                f"{name}: shape {tuple(t.shape)} does not match {tuple(p.shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise WeightUpdateError(f"{name}: dtype {t.dtype} is not a floating dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise WeightUpdateError(f"{name}: contains NaN or Inf")
+        resolved[target] = t
+    return resolved
+
+
+@torch.no_grad()
+def apply_weight_update(
+    params: Mapping[str, torch.nn.Parameter],
+    tensors: Mapping[str, torch.Tensor],
+    aliases: Mapping[str, str] | None = None,
+) -> list[str]:
+    resolved = validate_weight_update(params, tensors, aliases)
+    for name, t in resolved.items():
+        params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+    return list(resolved)
