@@ -245,7 +245,9 @@ class AsyncEngine:
         selector: str = "target",
         weight_version: str | None = None,
     ) -> str:
-        return await self._call(lambda: self.engine.update_weights(tensors, selector, weight_version))
+        return await self._call(
+            lambda: self.engine.update_weights(tensors, selector, weight_version)
+        )
 
     async def flush_cache(self) -> int:
         return await self._call(self.engine.flush_cache)

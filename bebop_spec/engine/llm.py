@@ -1,8 +1,8 @@
 """Offline API shaped like vLLM's:
 
-    from bebop_spec import LLM, SamplingParams
-    llm = LLM(model="path/to/hf_dir", num_speculative_tokens=3, draft_mode="rs")
-    outs = llm.generate(["Hello"], SamplingParams(temperature=1.0, max_tokens=64))
+from bebop_spec import LLM, SamplingParams
+llm = LLM(model="path/to/hf_dir", num_speculative_tokens=3, draft_mode="rs")
+outs = llm.generate(["Hello"], SamplingParams(temperature=1.0, max_tokens=64))
 """
 
 from __future__ import annotations

@@ -75,7 +75,11 @@ class LLMEngine:
         seqs = []
         for j in range(params.n):
             p = params.for_sample(j)
-            seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+            seed = (
+                p.seed
+                if p.seed is not None
+                else int(torch.randint(2**62, (1,), generator=self._rng))
+            )
             seqs.append(Sequence(next(self._seq_ids), request_id, j, list(prompt_ids), p,
                                  torch.Generator().manual_seed(seed)))  # fmt: skip
         self.scheduler.add(seqs)

@@ -42,9 +42,7 @@ def append_step(
 
 def _check_token_stop(seq: Sequence, tok: int, eos_ids: set[int], max_model_len: int) -> bool:
     p = seq.params
-    if tok in p.stop_token_ids:
-        seq.finish("stop", tok)
-    elif not p.ignore_eos and tok in eos_ids:
+    if tok in p.stop_token_ids or not p.ignore_eos and tok in eos_ids:
         seq.finish("stop", tok)
     elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
         seq.finish("length")

@@ -105,12 +105,16 @@ class ModelRunner:
         results: list[StepResult] = []
         if sampled:
             idx = torch.tensor([i for i, s in enumerate(seqs) if s.needs_sample_at_prefill])
-            results = self._sample_one(sampled, self.target.compute_logits(last[idx.to(self.device)]))
+            results = self._sample_one(
+                sampled, self.target.compute_logits(last[idx.to(self.device)])
+            )
         if self.speculative:
             self._prefill_mtp(seqs, hidden, lens)
         return results
 
-    def _positions(self, lens: torch.Tensor, width: int, start: torch.Tensor | None) -> torch.Tensor:
+    def _positions(
+        self, lens: torch.Tensor, width: int, start: torch.Tensor | None
+    ) -> torch.Tensor:
         """positions[b, t] = start[b] + t for t < lens[b], else the cache's scratch column."""
         ar = torch.arange(width, device=self.device)[None, :]
         base = ar if start is None else start[:, None] + ar
@@ -118,7 +122,7 @@ class ModelRunner:
 
     def _prefill_mtp(self, seqs: list[Sequence], hidden: torch.Tensor, lens: torch.Tensor) -> None:
         """Feed the head pairs (h_j, x_{j+1}) for j < L-1; keep h_{L-1} pending."""
-        next_rows = [s.all_ids[1 : n] for s, n in zip(seqs, lens.tolist(), strict=True)]
+        next_rows = [s.all_ids[1:n] for s, n in zip(seqs, lens.tolist(), strict=True)]
         if max(len(r) for r in next_rows) > 0:
             nxt = self._tensor([r or [0] for r in next_rows], pad=0)
             n_pairs = lens - 1
@@ -164,7 +168,9 @@ class ModelRunner:
         hidden = self.target(ids, pos, self.cache, slots)  # [B, γ+1, H]
         logits = self.target.compute_logits(hidden)  # [B, γ+1, V]
         p = process_logits(logits, st)
-        num_acc, tokens = verify_chain(drafts, q, p, u[:, gamma : 2 * gamma], u[:, 2 * gamma], self.mode)
+        num_acc, tokens = verify_chain(
+            drafts, q, p, u[:, gamma : 2 * gamma], u[:, 2 * gamma], self.mode
+        )
 
         n_new = num_acc + 1
         results = self._records(seqs, logits, p, tokens, n_new)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from bebop_spec.engine.sequence import Sequence, SeqStatus
+from bebop_spec.engine.sequence import SeqStatus, Sequence
 from bebop_spec.errors import EngineOverloaded
 
 

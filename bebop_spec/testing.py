@@ -1,0 +1,113 @@
+"""Tiny models and tokenizers for tests, examples and benchmarks (made locally, no hub).
+
+path = make_tiny_model(tmp_path / "m", vocab_size=16, mtp_layout="qwen3_next")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+_TOY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. 1 + 2 = 3. def add(a, b): return a + b\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris"}} Hello world! How are you today?'
+)
+
+
+def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 320) -> int:
+    """Train a byte-level BPE on a toy text, save it HF-style; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TOY_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return len(fast)
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    vocab_size: int = 32,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    mtp_layout: str | None = "qwen3_next",
+    with_tokenizer: bool = False,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+    eos_token_id: int | None = None,
+    family: str = "qwen3",
+) -> Path:
+    """A random Qwen3 (or qwen2 / llama) target saved with transformers, plus a random MTP head
+    in ``out_dir/mtp`` (``mtp_layout``; None for no head); fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if with_tokenizer:
+        vocab_size = max(vocab_size, make_tiny_tokenizer(out))
+    eos = eos_token_id
+    if with_tokenizer and eos is None:
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
+    model_type = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama"}[family]
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=eos if eos is not None else vocab_size - 1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.float32)
+    with torch.no_grad():  # larger logits than HF's default init → lower entropy, like a trained LM
+        model.lm_head.weight.normal_(0, 0.5) if not cfg.tie_word_embeddings else None
+        model.get_input_embeddings().weight.normal_(0, 0.5)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if mtp_layout is not None:
+        add_random_mtp(out, mtp_layout, seed=seed + 1)
+    return out
+
+
+def add_random_mtp(
+    model_dir: str | Path, layout: str, seed: int = 1, out_dir: str | Path | None = None
+) -> Path:
+    """Save a random MTP head for the model at model_dir (into out_dir, default model_dir/mtp)."""
+    from bebop_spec.models import ModelConfig, init_mtp_head, save_mtp_head
+
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    head = init_mtp_head(config, layout, num_layers=1, seed=seed)
+    dest = Path(out_dir) if out_dir is not None else model_dir / "mtp"
+    save_mtp_head(head, dest, layout, config, torch.float32)
+    return dest
