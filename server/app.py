@@ -1,0 +1,54 @@
+"""The FastAPI app: state, routes, error handlers, body limits, engine lifecycle.
+
+app = build_app(engine, ServerConfig(...))   # engine: a ServingBackend (not started)
+uvicorn.run(app, host=..., port=...)         # or server.cli.run_serve(args)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.backends import ServingBackend
+from server.config import ServerConfig
+from server.errors import install_error_handlers
+from server.middleware import BodyLimitMiddleware
+from server.routes.openai import openai_router
+from server.routes.sglang import sglang_router
+from server.routes.weights import weights_router
+from server.state import ServerState
+
+logger = logging.getLogger("bebop.server")
+TENSOR_ROUTE = "/update_weights_from_tensor"
+
+
+def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
+    state = ServerState.build(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        logger.info("serving %s (weights %s)", config.served_model_name, engine.weight_version)
+        try:
+            yield
+        finally:
+            state.shutting_down = True
+            await state.weights.close()
+            await engine.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="Bebop rollout server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.bebop = state
+    install_error_handlers(app)
+    app.include_router(openai_router(state.openai))
+    app.include_router(sglang_router(state))
+    app.include_router(weights_router(state))
+
+    def limit_for(path: str) -> int:
+        return config.max_tensor_body_bytes if path == TENSOR_ROUTE else config.max_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    return app

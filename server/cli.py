@@ -1,0 +1,104 @@
+"""`bebop serve`: load a model into a serving backend and run the HTTP server.
+
+    bebop serve                                   # the built-in demo model on 127.0.0.1:30000
+    bebop serve --model DIR --mtp HEAD_DIR --draft-mode rs --num-speculative-tokens 3
+    BEBOP_ADMIN_TOKEN=secret bebop serve --host 0.0.0.0 --port 30000
+
+SIGTERM / Ctrl-C stop gracefully: no new connections, in-flight requests get up to
+--graceful-shutdown-s to finish, then the engine aborts what is left and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from server.backends import BACKENDS
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", default=None, help="HF model directory (default: the built-in demo model)")
+    a("--mtp", default=None, help="separate MTP head directory")
+    a("--num-speculative-tokens", type=int, default=3)
+    a("--draft-mode", default="rs", choices=["rs", "to", "none"])
+    a("--backend", default="embedded", choices=sorted(BACKENDS))
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=30000)
+    a("--admin-token", default=os.environ.get("BEBOP_ADMIN_TOKEN"),
+      help="bearer token for admin routes (default: $BEBOP_ADMIN_TOKEN)")  # fmt: skip
+    a("--allow-unauthenticated-admin", action="store_true",
+      help="allow binding a non-loopback host without an admin token")  # fmt: skip
+    a("--max-num-seqs", type=int, default=64)
+    a("--max-model-len", type=int, default=None)
+    a("--max-waiting", type=int, default=1024, help="queued requests beyond this get HTTP 503")
+    a("--served-model-name", default=None, help="model name in the API (default: directory name)")
+    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a("--device", default="cpu")
+    a("--seed", type=int, default=0)
+    a("--max-n", type=int, default=64, help="most samples per prompt")
+    a("--max-body-mb", type=float, default=16, help="largest JSON request body")
+    a(
+        "--max-tensor-body-mb",
+        type=float,
+        default=8192,
+        help="largest /update_weights_from_tensor body",
+    )
+    a("--weights-root", default=None, help="update_weights_from_disk paths must lie under this")
+    a("--graceful-shutdown-s", type=float, default=10.0)
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_configs(args: argparse.Namespace):
+    """(EngineConfig, ServerConfig) from parsed arguments; ValueError on bad combinations."""
+    from bebop_spec.engine.config import EngineConfig
+    from server.config import ServerConfig
+
+    model = args.model
+    if model is None:
+        from bebop_spec.demo.build import ensure_demo
+
+        model = str(ensure_demo())
+    engine = EngineConfig(
+        model=str(model), mtp=args.mtp, num_speculative_tokens=args.num_speculative_tokens,
+        draft_mode=None if args.draft_mode == "none" else args.draft_mode,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
+    )  # fmt: skip
+    name = args.served_model_name or Path(model).resolve().name
+    server = ServerConfig(
+        host=args.host, port=args.port, served_model_name=name, admin_token=args.admin_token,
+        allow_unauthenticated_admin=args.allow_unauthenticated_admin, max_n=args.max_n,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_tensor_body_bytes=int(args.max_tensor_body_mb * 2**20), weights_root=args.weights_root,
+    )  # fmt: skip
+    return engine, server
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import build_app
+    from server.backends import create_backend
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("bebop.server")
+    try:
+        engine_config, server_config = build_configs(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("loading %s (backend %s, draft mode %s)", engine_config.model, args.backend,
+             engine_config.draft_mode or "none")  # fmt: skip
+    engine = create_backend(args.backend, engine_config)
+    app = build_app(engine, server_config)
+    config = uvicorn.Config(
+        app, host=server_config.host, port=server_config.port, log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_shutdown_s, access_log=args.log_level == "debug",
+    )  # fmt: skip
+    uvicorn.Server(config).run()  # handles SIGTERM / SIGINT: drain, lifespan shutdown, exit
+    return 0

@@ -1,0 +1,1 @@
+"""Pydantic request/response models: OpenAI (`openai.py`) and SGLang-native (`sglang.py`)."""

@@ -1,0 +1,148 @@
+"""SGLang-native request models (names and defaults follow sglang 0.5.23 `io_struct.py`).
+
+`None` for an optional field means "the SGLang default", as SGLang itself treats it.
+Fields we know but cannot honour (penalties, grammars, LoRA, ...) are accepted at their
+default value and rejected otherwise; unknown sampling keys are rejected (SGLang raises on
+them too); unknown top-level keys of /generate are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Selector = Literal["target", "draft", "all"]
+
+
+class SGLangSamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(default=128, ge=0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None  # unsupported unless empty
+    temperature: float | None = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=-1, ge=-1)
+    min_p: float | None = Field(default=0.0, ge=0.0, le=1.0)
+    frequency_penalty: float | None = 0.0  # unsupported unless 0
+    presence_penalty: float | None = 0.0  # unsupported unless 0
+    repetition_penalty: float | None = 1.0  # unsupported unless 1
+    min_new_tokens: int | None = 0  # unsupported unless 0
+    n: int | None = Field(default=1, ge=1)
+    json_schema: str | None = None  # unsupported
+    regex: str | None = None  # unsupported
+    ebnf: str | None = None  # unsupported
+    structural_tag: str | None = None  # unsupported
+    ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True  # accepted, no effect
+    no_stop_trim: bool | None = False
+    stream_interval: int | None = None  # accepted, no effect
+    logit_bias: dict[str, float] | None = None  # unsupported unless empty
+    sampling_seed: int | None = None
+    custom_params: dict[str, Any] | None = None  # accepted, no effect
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    rid: str | list[str] | None = None
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: SGLangSamplingParams | list[SGLangSamplingParams] | None = None
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    log_metrics: bool = True
+    return_prompt_token_ids: bool = False
+    lora_path: Any = None  # unsupported
+    image_data: Any = None  # unsupported
+    input_embeds: Any = None  # unsupported
+
+
+class _Admin(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class UpdateWeightsFromDiskRequest(_Admin):
+    model_path: str
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    is_async: bool = False
+    torch_empty_cache: bool = False
+    keep_pause: bool = False
+    recapture_cuda_graph: bool = False
+    token_step: int = 0
+    flush_cache: bool = True
+    selector: Selector = "all"  # ext: SGLang loads every runner from disk
+
+
+class InitWeightsUpdateGroupRequest(_Admin):
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(ge=1)
+    world_size: int = Field(ge=2)
+    group_name: str = Field(default="weight_update_group", min_length=1)
+    backend: str = "nccl"
+
+
+class DestroyWeightsUpdateGroupRequest(_Admin):
+    group_name: str = "weight_update_group"
+
+
+class UpdateWeightsFromDistributedRequest(_Admin):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    load_format: str | None = None  # None | "flattened_bucket"
+    selector: Selector = "all"
+    torch_empty_cache: bool = False
+
+
+class UpdateWeightsFromTensorRequest(_Admin):
+    """JSON form: each entry is a base64-encoded safetensors file (never pickle)."""
+
+    serialized_named_tensors: list[str] = Field(min_length=1)
+    load_format: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    selector: Selector = "all"
+    torch_empty_cache: bool = False
+
+
+class BeginWeightUpdateRequest(_Admin):
+    selector: Selector = "all"
+
+
+class EndWeightUpdateRequest(_Admin):
+    pass
+
+
+class PauseGenerationRequest(_Admin):
+    mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
+class ContinueGenerationRequest(_Admin):
+    torch_empty_cache: bool = True
+
+
+class AbortRequest(_Admin):
+    rid: str | list[str] | None = ""
+    abort_all: bool = False
+
+
+class UpdateResult(BaseModel):
+    success: bool
+    message: str
+    weight_version: str | None = None  # ext: label serving after the call
+    num_paused_requests: int = 0

@@ -1,0 +1,1 @@
+"""Thin FastAPI routes: parse, call a serving class, return its answer."""

@@ -1,0 +1,1 @@
+"""Serving classes: turn a validated request into engine calls and engine outputs into replies."""

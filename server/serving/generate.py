@@ -1,0 +1,322 @@
+"""SGLang-native `/generate` and `/abort_request` -> engine calls.
+
+Shapes follow SGLang 0.5.23: one prompt with n == 1 answers a dict, otherwise a list ordered
+prompt-major, sample-minor. Streams are cumulative (SGLang's default): every event carries
+the whole text / output_ids so far, plus `index` for batches; they end with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
+from bebop_spec.errors import EngineOverloaded, InvalidRequest
+from bebop_spec.sampling_params import SamplingParams
+from server.backends import ServingBackend
+from server.config import ServerConfig
+from server.errors import ApiError, bad_request
+from server.metrics import ServerMetrics
+from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
+from server.serving.common import (
+    SSE_DONE,
+    PromptChecker,
+    SSEResponse,
+    TokenText,
+    cancel_on_disconnect,
+    last_item,
+    make_sampling_params,
+    merge_streams,
+    reject_unsupported,
+    sse,
+    start_streams,
+    version_spans,
+)
+
+
+@dataclass
+class _Item:
+    """One prompt of a /generate call."""
+
+    rid: str
+    prompt: list[int]
+    params: SamplingParams | None  # None: max_new_tokens == 0, nothing to generate
+    logprob: bool
+    top_logprobs: int
+
+
+class GenerateServing:
+    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics):
+        self.engine, self.config, self.metrics = engine, config, metrics
+        self.checker = PromptChecker(engine)
+        self.token_text = TokenText(engine.tokenizer)
+        self.active: set[str] = set()  # engine request ids in flight
+
+    # ---------------------------------------------------------------- parsing
+    def _items(self, req: GenerateRequest) -> tuple[list[_Item], bool]:
+        reject_unsupported({"lora_path": (req.lora_path, None), "image_data": (req.image_data, None),
+                            "input_embeds": (req.input_embeds, None)})  # fmt: skip
+        if (req.text is None) == (req.input_ids is None):
+            raise bad_request("exactly one of text and input_ids must be given", param="text")
+        single = isinstance(req.text, str) or (
+            req.input_ids is not None and (not req.input_ids or isinstance(req.input_ids[0], int))
+        )
+        prompts = self._prompts(req, single)
+        b = len(prompts)
+        if not 1 <= b <= self.config.max_batch:
+            raise bad_request(f"a batch holds 1..{self.config.max_batch} prompts", param="text")
+        sps = (
+            self._per_prompt(req.sampling_params, b, "sampling_params")
+            or [SGLangSamplingParams()] * b
+        )
+        sps = [sp or SGLangSamplingParams() for sp in sps]
+        if len({sp.n or 1 for sp in sps}) > 1:
+            raise bad_request(
+                "n must be the same for every prompt of a batch", param="sampling_params.n"
+            )
+        rids = self._rids(req.rid, b)
+        logprob = self._per_prompt(req.return_logprob, b, "return_logprob") or [False] * b
+        tops = self._per_prompt(req.top_logprobs_num, b, "top_logprobs_num") or [0] * b
+        for lsl in self._per_prompt(req.logprob_start_len, b, "logprob_start_len") or []:
+            if lsl not in (None, -1):
+                raise bad_request(
+                    "prompt logprobs (logprob_start_len >= 0) are not supported",
+                    "logprob_start_len",
+                )
+        items = []
+        for rid, p, sp, lp, top in zip(rids, prompts, sps, logprob, tops, strict=True):
+            top = top or 0
+            if not 0 <= top <= self.config.max_logprobs:
+                raise bad_request(
+                    f"top_logprobs_num must be in [0, {self.config.max_logprobs}]",
+                    "top_logprobs_num",
+                )
+            items.append(_Item(rid, p, self._params(sp, len(p), bool(lp), top), bool(lp), top))
+        n = sps[0].n or 1
+        return items, single and n == 1
+
+    def _prompts(self, req: GenerateRequest, single: bool) -> list[list[int]]:
+        if req.input_ids is not None:
+            raw = [req.input_ids] if single else req.input_ids
+            return [self.checker.check(ids, "input_ids") for ids in raw]
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise bad_request("this server has no tokenizer: send input_ids", param="text")
+        texts = [req.text] if single else req.text
+        return [self.checker.check(list(tok.encode(t)), "text") for t in texts]
+
+    @staticmethod
+    def _per_prompt(value: Any, b: int, name: str) -> list | None:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            return [value] * b
+        if len(value) != b:
+            raise bad_request(f"{name} has {len(value)} entries for {b} prompts", param=name)
+        return value
+
+    def _rids(self, rid: Any, b: int) -> list[str]:
+        if rid is None:
+            base = uuid.uuid4().hex
+            return [base] if b == 1 else [f"{base}-{i}" for i in range(b)]
+        rids = [rid] if isinstance(rid, str) else rid
+        if isinstance(rid, str) and b > 1:
+            rids = [f"{rid}-{i}" for i in range(b)]  # SGLang: a string rid prefixes a batch
+        if len(rids) != b or len(set(rids)) != b or not all(rids):
+            raise bad_request("rid must be one non-empty id per prompt, all distinct", param="rid")
+        busy = [r for r in rids if r in self.active]
+        if busy:
+            raise bad_request(f"request id {busy[0]!r} is already in flight", param="rid")
+        return rids
+
+    def _params(
+        self, sp: SGLangSamplingParams, prompt_len: int, logprob: bool, top: int
+    ) -> SamplingParams | None:
+        reject_unsupported(
+            {
+                "frequency_penalty": (sp.frequency_penalty, 0.0),
+                "presence_penalty": (sp.presence_penalty, 0.0),
+                "repetition_penalty": (sp.repetition_penalty, 1.0),
+                "min_new_tokens": (sp.min_new_tokens, 0),
+                "json_schema": (sp.json_schema, None),
+                "regex": (sp.regex, None),
+                "ebnf": (sp.ebnf, None),
+                "structural_tag": (sp.structural_tag, None),
+                "stop_regex": (sp.stop_regex or None, None),
+                "logit_bias": (sp.logit_bias or None, None),
+            }
+        )
+        n = sp.n or 1
+        if n > self.config.max_n:
+            raise bad_request(
+                f"n={n} exceeds the limit {self.config.max_n}", param="sampling_params.n"
+            )
+        wanted = 128 if sp.max_new_tokens is None else sp.max_new_tokens
+        if wanted == 0:
+            return None
+        stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
+        if len(stop) > self.config.max_stop:
+            raise bad_request(
+                f"at most {self.config.max_stop} stop strings", "sampling_params.stop"
+            )
+        return make_sampling_params(
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            min_p=sp.min_p,
+            max_tokens=self.checker.max_new_tokens(prompt_len, wanted, clamp=True),
+            n=n,
+            seed=sp.sampling_seed,
+            stop=stop,
+            stop_token_ids=sp.stop_token_ids,
+            ignore_eos=bool(sp.ignore_eos),
+            logprobs=top if (logprob or top) else None,
+            include_stop_str_in_output=bool(sp.no_stop_trim),
+        )
+
+    # -------------------------------------------------------------- serving
+    async def generate(self, req: GenerateRequest, raw: Request) -> Response:
+        items, single = self._items(req)
+        arrival = time.perf_counter()
+        streams = [self._stream_of(it, arrival) for it in items]
+        try:
+            streams = await start_streams(streams)
+        except EngineOverloaded as exc:
+            raise ApiError(503, str(exc) or "server overloaded",
+                           headers={"Retry-After": str(self.config.retry_after_s)}) from exc  # fmt: skip
+        except InvalidRequest as exc:
+            raise bad_request(str(exc)) from exc
+        fmt = _Formatter(
+            self, items, req.return_text_in_logprobs, req.return_prompt_token_ids, arrival
+        )
+        if req.stream:
+            return SSEResponse(self._events(fmt, streams, len(items) > 1 or not single))
+        finals = await cancel_on_disconnect(raw, asyncio.gather(*(last_item(s) for s in streams)))
+        outs = [d for i, f in enumerate(finals) for d in fmt.outputs(i, f)]
+        for d in outs:
+            del d["_index"]
+        return JSONResponse(outs[0] if single else outs)
+
+    async def _stream_of(self, it: _Item, arrival: float) -> AsyncIterator[RequestOutput]:
+        if it.params is None:  # max_new_tokens == 0: a finished, empty completion
+            yield RequestOutput(
+                it.rid, it.prompt, [CompletionOutput(0, [], finish_reason="length")]
+            )
+            return
+        self.active.add(it.rid)
+        try:
+            async for out in self.metrics.track(
+                self.engine.generate(it.prompt, it.params, it.rid), arrival
+            ):
+                yield out
+        finally:
+            self.active.discard(it.rid)
+
+    async def _events(self, fmt: _Formatter, streams: list, indexed: bool) -> AsyncIterator[str]:
+        try:
+            async for i, out in merge_streams(streams):
+                for d in fmt.outputs(i, out):
+                    index = d.pop("_index")
+                    yield sse(d | {"index": index} if indexed else d)
+        except Exception as exc:  # the reply has started: report in-band
+            yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+        yield SSE_DONE
+
+    async def abort(self, rid: str | list[str] | None, abort_all: bool) -> int:
+        if abort_all:
+            return await self.engine.abort_all()
+        wanted = [rid] if isinstance(rid, str) else list(rid or [])
+        hits = [r for r in list(self.active) for w in wanted if w and (r == w or r.startswith(w))]
+        return sum([await self.engine.abort(r) for r in set(hits)])
+
+
+class _Formatter:
+    """Engine outputs -> SGLang `{text, output_ids, meta_info}` dicts."""
+
+    def __init__(
+        self,
+        s: GenerateServing,
+        items: list[_Item],
+        logprob_text: bool,
+        prompt_ids: bool,
+        arrival: float,
+    ):
+        self.s, self.items, self.logprob_text, self.prompt_ids, self.arrival = (
+            s,
+            items,
+            logprob_text,
+            prompt_ids,
+            arrival,
+        )
+
+    def outputs(self, i: int, out: RequestOutput) -> list[dict[str, Any]]:
+        it = self.items[i]
+        n = len(out.outputs)
+        res = []
+        for o in out.outputs:
+            d = {"text": o.text, "output_ids": list(o.token_ids), "meta_info": self._meta(it, o, n)}
+            if self.prompt_ids:
+                d["prompt_token_ids"] = list(it.prompt)
+            d["_index"] = i * n + o.index
+            res.append(d)
+        return res
+
+    def _meta(self, it: _Item, o: CompletionOutput, n: int) -> dict[str, Any]:
+        engine = self.s.engine
+        spans = version_spans(o.weight_versions, engine.version_labels)
+        spec = o.spec
+        meta: dict[str, Any] = {
+            "id": it.rid if n == 1 else f"{it.rid}-{o.index}",
+            "finish_reason": _finish_reason(o),
+            "prompt_tokens": len(it.prompt),
+            "completion_tokens": len(o.token_ids),
+            "cached_tokens": 0,
+            "weight_version": spans[-1]["version"] if spans else engine.weight_version,
+            "weight_versions": spans,
+            "e2e_latency": time.perf_counter() - self.arrival,
+        }
+        if spec.num_drafts:
+            meta |= {
+                "spec_accept_rate": spec.acceptance_rate,
+                "spec_accept_length": len(o.token_ids) / spec.num_drafts,
+                "spec_verify_ct": spec.num_drafts,
+                "spec_num_correct_drafts": spec.num_accepted_tokens,
+                "spec_num_proposed_drafts": spec.num_draft_tokens,
+                "spec_accepted_per_pos": list(spec.accepted_per_pos),  # ext
+            }
+        if it.logprob:
+            meta["output_token_logprobs"] = [
+                [lp, t, self._text(t)] for lp, t in zip(o.logprobs or [], o.token_ids, strict=False)
+            ]
+        if it.top_logprobs:
+            meta["output_top_logprobs"] = [
+                [[lp, t, self._text(t)] for t, lp in sorted(top.items(), key=lambda kv: -kv[1])]
+                for top in (o.top_logprobs or [])
+            ]
+        return meta
+
+    def _text(self, token_id: int) -> str | None:
+        return self.s.token_text(token_id) if self.logprob_text else None
+
+
+def _finish_reason(o: CompletionOutput) -> dict[str, Any] | None:
+    if o.finish_reason is None:
+        return None
+    if o.finish_reason == "length":
+        return {"type": "length", "length": len(o.token_ids)}
+    if o.finish_reason == "abort":
+        return {
+            "type": "abort",
+            "message": "Abort before prefill" if not o.token_ids else "Abort in decode",
+        }
+    matched = (
+        o.stop_reason if o.stop_reason is not None else (o.token_ids[-1] if o.token_ids else None)
+    )
+    return {"type": "stop", "matched": matched}

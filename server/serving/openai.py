@@ -1,0 +1,247 @@
+"""OpenAI serving: `/v1/models`, `/v1/completions`, `/v1/chat/completions` -> engine calls.
+
+One engine request per prompt (its n samples ride inside it); choice index = prompt * n +
+sample, as OpenAI numbers them. Streams end with `data: [DONE]`; closing a stream (client
+gone) closes the engine iterators, which aborts the requests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
+from bebop_spec.errors import EngineOverloaded, InvalidRequest
+from bebop_spec.sampling_params import SamplingParams
+from server.backends import ServingBackend
+from server.config import ServerConfig
+from server.errors import ApiError, bad_request
+from server.metrics import ServerMetrics
+from server.protocol import openai as oai
+from server.serving.common import (
+    SSE_DONE,
+    PromptChecker,
+    SSEResponse,
+    TokenText,
+    cancel_on_disconnect,
+    last_item,
+    make_sampling_params,
+    merge_streams,
+    reject_unsupported,
+    spec_info,
+    sse,
+    start_streams,
+    version_spans,
+)
+from server.serving.openai_format import ChoiceFormatter
+
+
+class OpenAIServing:
+    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics):
+        self.engine, self.config, self.metrics = engine, config, metrics
+        self.checker = PromptChecker(engine)
+        self.token_text = TokenText(engine.tokenizer)
+
+    # ------------------------------------------------------------------ models
+    def models(self) -> oai.ModelList:
+        name = self.config.served_model_name
+        card = oai.ModelCard(
+            id=name, root=self.engine.config.model, max_model_len=self.engine.max_model_len
+        )
+        return oai.ModelList(data=[card])
+
+    def model_card(self, name: str) -> oai.ModelCard:
+        self.check_model(name)
+        return self.models().data[0]
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.served_model_name:
+            raise ApiError(
+                404, f"The model '{name}' does not exist", param="model", code="model_not_found"
+            )
+
+    # ------------------------------------------------------------- completions
+    async def completions(self, req: oai.CompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        reject_unsupported(
+            {
+                "echo": (req.echo, False),
+                "suffix": (req.suffix, None),
+                "frequency_penalty": (req.frequency_penalty, 0.0),
+                "presence_penalty": (req.presence_penalty, 0.0),
+                "repetition_penalty": (req.repetition_penalty, 1.0),
+                "logit_bias": (req.logit_bias, None),
+            }
+        )
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
+        prompts = self._completion_prompts(req.prompt)
+        self._check_counts(req.n, req.logprobs, len(prompts))
+        params = [
+            self._params(
+                req, req.logprobs, self.checker.max_new_tokens(len(p), req.max_tokens, clamp=False)
+            )
+            for p in prompts
+        ]
+        return await self._run(req, raw, prompts, params, chat=False)
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("prompt is empty", param="prompt")
+        if len(prompt) > self.config.max_batch:
+            raise bad_request(f"at most {self.config.max_batch} prompts per request", "prompt")
+        return [self.checker.check(self._encode(p) if isinstance(p, str) else p) for p in prompt]
+
+    def _encode(self, text: str) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise bad_request("this server has no tokenizer: send token ids", param="prompt")
+        return list(tok.encode(text, add_special_tokens=True))
+
+    # -------------------------------------------------------------------- chat
+    async def chat(self, req: oai.ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        reject_unsupported(
+            {
+                "frequency_penalty": (req.frequency_penalty, 0.0),
+                "presence_penalty": (req.presence_penalty, 0.0),
+                "repetition_penalty": (req.repetition_penalty, 1.0),
+                "logit_bias": (req.logit_bias, None),
+                "tools": (req.tools or None, None),
+            }
+        )
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format {type: text} is supported", "response_format")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
+        self._check_counts(req.n, top, 1)
+        prompt = self.checker.check(self._render_chat(req), param="messages")
+        wanted = req.max_completion_tokens or req.max_tokens
+        params = [
+            self._params(req, top, self.checker.max_new_tokens(len(prompt), wanted, clamp=False))
+        ]
+        return await self._run(req, raw, [prompt], params, chat=True)
+
+    def _render_chat(self, req: oai.ChatCompletionRequest) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise bad_request("this model's tokenizer has no chat template", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = tok.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # template errors are about the messages
+            raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from exc
+        return list(tok.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ common
+    def _check_counts(self, n: int, logprobs: int | None, num_prompts: int) -> None:
+        if n > self.config.max_n:
+            raise bad_request(f"n={n} exceeds the limit {self.config.max_n}", param="n")
+        if logprobs is not None and logprobs > self.config.max_logprobs:
+            raise bad_request(
+                f"logprobs={logprobs} exceeds the limit {self.config.max_logprobs}", "logprobs"
+            )
+        if num_prompts * n > self.config.max_batch:
+            raise bad_request(f"prompts x n exceeds the limit {self.config.max_batch}", param="n")
+
+    def _params(self, req: Any, logprobs: int | None, max_tokens: int) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stop) > self.config.max_stop:
+            raise bad_request(f"at most {self.config.max_stop} stop strings", param="stop")
+        return make_sampling_params(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            max_tokens=max_tokens,
+            n=req.n,
+            seed=req.seed,
+            stop=stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+
+    async def _run(self, req, raw, prompts, params, *, chat: bool) -> Response:
+        kind = "chatcmpl" if chat else "cmpl"
+        rid = f"{kind}-{uuid.uuid4().hex}"
+        arrival = time.perf_counter()
+        streams = [
+            self.metrics.track(self.engine.generate(p, sp, f"{rid}-{i}"), arrival)
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+        try:
+            streams = await start_streams(streams)
+        except EngineOverloaded as exc:
+            raise ApiError(503, str(exc) or "server overloaded", headers=self._retry()) from exc
+        except InvalidRequest as exc:
+            raise bad_request(str(exc)) from exc
+        fmt = ChoiceFormatter(self, req, rid, prompts, chat=chat)
+        if req.stream:
+            return SSEResponse(self._stream(fmt, streams))
+        finals = await cancel_on_disconnect(raw, self._collect(streams))
+        return JSONResponse(fmt.full_response(finals).model_dump(exclude_none=True))
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s)}
+
+    @staticmethod
+    async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+        import asyncio
+
+        return list(await asyncio.gather(*(last_item(s) for s in streams)))
+
+    async def _stream(self, fmt: ChoiceFormatter, streams) -> AsyncIterator[str]:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            first = fmt.first_chunk()
+            if first is not None:
+                yield sse(first)
+            async for i, out in merge_streams(streams):
+                finals[i] = out
+                for chunk in fmt.delta_chunks(i, out):
+                    yield sse(chunk)
+            usage = fmt.usage_chunk([finals[i] for i in sorted(finals)])
+            if usage is not None:
+                yield sse(usage)
+        except Exception as exc:  # the reply has started: report in-band
+            yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+        yield SSE_DONE
+
+    # ---------------------------------------------------------------- helpers
+    def weight_info(self, outputs: list[CompletionOutput]) -> dict[str, Any]:
+        labels = self.engine.version_labels
+        spans = [version_spans(o.weight_versions, labels) for o in outputs]
+        return {"weight_version": self.engine.weight_version, "weight_versions": spans}
+
+    @staticmethod
+    def spec(finals: list[RequestOutput]) -> oai.SpecStatsInfo:
+        from bebop_spec.engine.outputs import SpecStats
+
+        total = SpecStats()
+        for f in finals:
+            s = f.spec
+            total.num_drafts += s.num_drafts
+            total.num_draft_tokens += s.num_draft_tokens
+            total.num_accepted_tokens += s.num_accepted_tokens
+            pos = s.accepted_per_pos
+            acc = total.accepted_per_pos + [0] * max(0, len(pos) - len(total.accepted_per_pos))
+            total.accepted_per_pos = [
+                a + (pos[k] if k < len(pos) else 0) for k, a in enumerate(acc)
+            ]
+        return oai.SpecStatsInfo(**spec_info(total))

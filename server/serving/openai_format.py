@@ -1,0 +1,197 @@
+"""Engine outputs -> OpenAI response objects, whole or as stream deltas.
+
+Completions and chat share the bookkeeping (what each choice has already been sent) and
+differ only in how a choice and its logprobs are spelled.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
+from server.protocol import openai as oai
+
+if TYPE_CHECKING:
+    from server.serving.openai import OpenAIServing
+
+
+class ChoiceFormatter:
+    def __init__(
+        self, serving: OpenAIServing, req: Any, rid: str, prompts: list[list[int]], *, chat: bool
+    ):
+        self.s, self.req, self.rid, self.prompts, self.chat = serving, req, rid, prompts, chat
+        self.n = req.n
+        self.created = int(time.time())
+        self.model = serving.config.served_model_name
+        self.with_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        self.sent_tokens: dict[int, int] = {}
+        self.sent_text: dict[int, str] = {}
+        self.done: set[int] = set()
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.rid, "created": self.created, "model": self.model}
+
+    # ------------------------------------------------------------ whole reply
+    def full_response(
+        self, finals: list[RequestOutput]
+    ) -> oai.CompletionResponse | oai.ChatCompletionResponse:
+        choices = []
+        for i, out in enumerate(finals):
+            for o in out.outputs:
+                choices.append(
+                    self._choice(i * self.n + o.index, o, 0, len(o.token_ids), o.text, final=True)
+                )
+        head = self._head() | self._extras(finals)
+        if self.chat:
+            ids = self.prompts[0] if self.req.return_token_ids else None
+            return oai.ChatCompletionResponse(
+                **head, choices=choices, usage=self._usage(finals), prompt_token_ids=ids
+            )
+        return oai.CompletionResponse(**head, choices=choices, usage=self._usage(finals))
+
+    def _extras(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        label = self.s.engine.weight_version
+        return {
+            "weight_version": label,
+            "metadata": {"weight_version": label},
+            "spec_stats": self.s.spec(finals),
+        }
+
+    def _usage(self, finals: list[RequestOutput]) -> oai.UsageInfo:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        return oai.UsageInfo(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+    # ---------------------------------------------------------------- streams
+    def first_chunk(self) -> oai.ChatCompletionStreamResponse | None:
+        if not self.chat:
+            return None
+        choices = [
+            oai.ChatStreamChoice(index=k, delta=oai.ChatDelta(role="assistant", content=""))
+            for k in range(len(self.prompts) * self.n)
+        ]
+        ids = self.prompts[0] if self.req.return_token_ids else None
+        return oai.ChatCompletionStreamResponse(
+            **self._head(), choices=choices, prompt_token_ids=ids
+        )
+
+    def delta_chunks(self, i: int, out: RequestOutput) -> list[Any]:
+        chunks = []
+        for o in out.outputs:
+            k = i * self.n + o.index
+            start = self.sent_tokens.get(k, 0)
+            if k in self.done or (len(o.token_ids) == start and not o.finished):
+                continue
+            prev = self.sent_text.get(k, "")
+            delta = (
+                o.text[len(prev) :] if o.text.startswith(prev) else o.text[_common(prev, o.text) :]
+            )
+            self.sent_tokens[k], self.sent_text[k] = len(o.token_ids), o.text
+            choice = self._choice(
+                k, o, start, len(o.token_ids), delta, final=o.finished, stream=True
+            )
+            if o.finished:
+                self.done.add(k)
+            head = self._head()
+            if o.finished:
+                head["weight_version"] = self.s.engine.weight_version
+            if self.chat:
+                chunks.append(oai.ChatCompletionStreamResponse(**head, choices=[choice]))
+            else:
+                chunks.append(oai.CompletionStreamResponse(**head, choices=[choice]))
+        return chunks
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> Any:
+        opts = self.req.stream_options
+        if opts is None or not opts.include_usage:
+            return None
+        head = self._head() | self._extras(finals)
+        cls = oai.ChatCompletionStreamResponse if self.chat else oai.CompletionStreamResponse
+        return cls(**head, choices=[], usage=self._usage(finals))
+
+    # ---------------------------------------------------------------- choices
+    def _choice(
+        self,
+        k: int,
+        o: CompletionOutput,
+        a: int,
+        b: int,
+        text: str,
+        *,
+        final: bool,
+        stream: bool = False,
+    ):
+        spans = None
+        if final:
+            spans = [
+                oai.WeightVersionSpan(**s) for s in self.s.weight_info([o])["weight_versions"][0]
+            ]
+        finish = o.finish_reason if final else None
+        stop = o.stop_reason if final else None
+        ids = o.token_ids[a:b] if self.req.return_token_ids else None
+        if self.chat:
+            logprobs = self._chat_logprobs(o, a, b) if self.with_logprobs else None
+            if stream:
+                return oai.ChatStreamChoice(
+                    index=k, delta=oai.ChatDelta(content=text), logprobs=logprobs, finish_reason=finish,
+                    stop_reason=stop, token_ids=ids, weight_versions=spans,
+                )  # fmt: skip
+            return oai.ChatChoice(
+                index=k, message=oai.ChatMessageOut(content=text), logprobs=logprobs,
+                finish_reason=finish, stop_reason=stop, token_ids=ids, weight_versions=spans,
+            )  # fmt: skip
+        prompt_ids = self.prompts[k // self.n] if self.req.return_token_ids and a == 0 else None
+        return oai.CompletionChoice(
+            index=k, text=text, logprobs=self._completion_logprobs(o, a, b) if self.with_logprobs else None,
+            finish_reason=finish, stop_reason=stop, prompt_token_ids=prompt_ids, token_ids=ids,
+            weight_versions=spans,
+        )  # fmt: skip
+
+    def _top(self, o: CompletionOutput, t: int) -> dict[int, float] | None:
+        if not o.top_logprobs or t >= len(o.top_logprobs):
+            return None
+        return o.top_logprobs[t]
+
+    def _completion_logprobs(self, o: CompletionOutput, a: int, b: int) -> oai.CompletionLogProbs:
+        tt, lps = self.s.token_text, o.logprobs or []
+        res = oai.CompletionLogProbs()
+        offset = sum(len(tt(x)) for x in o.token_ids[:a])
+        for t in range(a, b):
+            tok = tt(o.token_ids[t])
+            res.tokens.append(tok)
+            res.token_logprobs.append(lps[t] if t < len(lps) else None)
+            res.text_offset.append(offset)
+            offset += len(tok)
+            top = self._top(o, t)
+            res.top_logprobs.append(None if top is None else {tt(x): lp for x, lp in top.items()})
+        return res
+
+    def _chat_logprobs(self, o: CompletionOutput, a: int, b: int) -> oai.ChatLogProbs:
+        tt, lps = self.s.token_text, o.logprobs or []
+        content = []
+        for t in range(a, b):
+            tok = tt(o.token_ids[t])
+            top = self._top(o, t) or {}
+            alts = [
+                oai.TopLogprob(token=tt(x), logprob=lp, bytes=list(tt(x).encode()))
+                for x, lp in top.items()
+            ]
+            lp = lps[t] if t < len(lps) else -9999.0  # OpenAI's "unknown"
+            content.append(
+                oai.ChatTokenLogprob(
+                    token=tok, logprob=lp, bytes=list(tok.encode()), top_logprobs=alts
+                )
+            )
+        return oai.ChatLogProbs(content=content)
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

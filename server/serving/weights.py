@@ -1,0 +1,240 @@
+"""Hot weight sync and generation control (SGLang endpoint names) -> engine calls.
+
+Every update, whatever its path, goes: receive into fresh tensors -> `check_update` (all
+names, shapes, dtypes, finiteness) -> `engine.update_weights` (swaps between two steps).
+Until the swap the old weights keep serving; on any failure nothing changes and the
+version does not move. Updates are serialised by one lock; decoding continues meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Mapping
+
+import torch
+
+from bebop_spec.errors import WeightUpdateError
+from server.backends import ServingBackend
+from server.config import ServerConfig
+from server.errors import ApiError
+from server.metrics import ServerMetrics
+from server.protocol import sglang as sgl
+from server.weight_sync.group import WeightUpdateGroup
+from server.weight_sync.tensors import (
+    check_update,
+    load_safetensors_bytes,
+    load_safetensors_dir,
+    nbytes,
+    parse_dtype,
+    select_known,
+)
+
+logger = logging.getLogger("bebop.server")
+TIED_EMBEDDING, TIED_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _ok(message: str, version: str, **extra) -> sgl.UpdateResult:
+    return sgl.UpdateResult(success=True, message=message, weight_version=version, **extra)
+
+
+def _failure(message: str, status: int = 400) -> ApiError:
+    return ApiError(status, message, code="weight_update_failed")
+
+
+class WeightServing:
+    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics):
+        self.engine, self.config, self.metrics = engine, config, metrics
+        self.groups: dict[str, WeightUpdateGroup] = {}
+        self.lock = asyncio.Lock()
+        self.session: str | None = None  # selector of an open begin/end_weight_update bracket
+
+    # ---------------------------------------------------------------- updates
+    async def _apply(self, source: str, tensors: Mapping[str, torch.Tensor], selector: str,
+                     version: str | None, *, flush: bool, t0: float, from_disk: bool = False) -> str:  # fmt: skip
+        """Check, then swap. Runs under `self.lock`."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        try:
+            spec = self._spec(selector)
+            if from_disk:
+                tensors, _ = select_known(tensors, spec)
+            ready = await asyncio.to_thread(check_update, tensors, spec)
+            label = await self.engine.update_weights(
+                ready, selector=selector, weight_version=version
+            )
+        except WeightUpdateError as exc:
+            self.metrics.observe_weight_sync(source, time.perf_counter() - t0, size, ok=False)
+            raise _failure(f"weights not updated ({source}): {exc}") from exc
+        if flush:
+            await self.engine.flush_cache()
+        self.metrics.observe_weight_sync(source, time.perf_counter() - t0, size, ok=True)
+        logger.info(
+            "weights updated from %s (%d tensors, %.1f MB) -> %s",
+            source,
+            len(ready),
+            size / 1e6,
+            label,
+        )
+        return label
+
+    def _spec(self, selector: str) -> dict:
+        """The engine's parameters for `selector`, plus the names trainers send for tied ones."""
+        try:
+            spec = dict(self.engine.weight_spec(selector))
+        except ValueError as exc:  # e.g. selector "draft" without an MTP head
+            raise WeightUpdateError(str(exc)) from exc
+        embed = spec.get(TIED_EMBEDDING)
+        if selector != "draft" and embed is not None and TIED_HEAD not in spec:
+            spec[TIED_HEAD] = embed  # tied embeddings: the engine maps lm_head onto embed_tokens
+        return spec
+
+    async def from_disk(self, req: sgl.UpdateWeightsFromDiskRequest) -> sgl.UpdateResult:
+        t0 = time.perf_counter()
+        async with self.lock:
+            if req.abort_all_requests:
+                await self.engine.abort_all()
+            try:
+                tensors = await asyncio.to_thread(
+                    load_safetensors_dir, req.model_path, self.config.weights_root
+                )
+            except WeightUpdateError as exc:
+                self.metrics.observe_weight_sync("disk", 0.0, 0, ok=False)
+                raise _failure(f"weights not updated (disk): {exc}") from exc
+            label = await self._apply("disk", tensors, req.selector, req.weight_version,
+                                      flush=req.flush_cache, t0=t0, from_disk=True)  # fmt: skip
+        return _ok(f"Succeeded to update model weights from {req.model_path}.", label)
+
+    async def from_tensor_bytes(self, data: bytes, selector: str, version: str | None,
+                                *, flush: bool = True, abort_all: bool = False) -> sgl.UpdateResult:  # fmt: skip
+        """Body = one safetensors file (the streamed /update_weights_from_tensor form)."""
+        t0 = time.perf_counter()
+        tensors = await self._decode(data)
+        async with self.lock:
+            if abort_all:
+                await self.engine.abort_all()
+            label = await self._apply("tensor", tensors, selector, version, flush=flush, t0=t0)
+        return _ok("Succeeded to update model weights.", label)
+
+    async def from_tensor_json(self, req: sgl.UpdateWeightsFromTensorRequest) -> sgl.UpdateResult:
+        """SGLang's JSON form, but every entry must be base64 safetensors (no pickle)."""
+        t0 = time.perf_counter()
+        tensors: dict[str, torch.Tensor] = {}
+        for i, blob in enumerate(req.serialized_named_tensors):
+            try:
+                raw = base64.b64decode(blob, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(
+                    400,
+                    f"serialized_named_tensors[{i}] is not base64",
+                    param="serialized_named_tensors",
+                ) from exc
+            tensors.update(await self._decode(raw, f"serialized_named_tensors[{i}]: "))
+        async with self.lock:
+            if req.abort_all_requests:
+                await self.engine.abort_all()
+            label = await self._apply("tensor", tensors, req.selector, req.weight_version,
+                                      flush=req.flush_cache, t0=t0)  # fmt: skip
+        return _ok("Succeeded to update model weights.", label)
+
+    async def _decode(self, data: bytes, where: str = "") -> dict[str, torch.Tensor]:
+        try:
+            return await asyncio.to_thread(load_safetensors_bytes, data)
+        except WeightUpdateError as exc:
+            self.metrics.observe_weight_sync("tensor", 0.0, 0, ok=False)
+            raise _failure(
+                f"weights not updated (tensor): {where}{exc} (only safetensors is accepted)"
+            ) from exc
+
+    async def from_distributed(
+        self, req: sgl.UpdateWeightsFromDistributedRequest
+    ) -> sgl.UpdateResult:
+        t0 = time.perf_counter()
+        group = self.groups.get(req.group_name)
+        if group is None:
+            raise _failure(
+                f"group {req.group_name!r} does not exist: call /init_weights_update_group first"
+            )
+        dtypes = self._announce(req)
+        async with self.lock:
+            if req.abort_all_requests:
+                await self.engine.abort_all()
+            try:  # receive even if names are wrong, so the trainer's broadcasts complete
+                tensors = await group.receive(
+                    req.names, dtypes, req.shapes, req.load_format == "flattened_bucket"
+                )
+            except Exception as exc:
+                self.metrics.observe_weight_sync("distributed", 0.0, 0, ok=False)
+                raise _failure(f"weights not updated (distributed): receive failed: {exc}") from exc
+            label = await self._apply("distributed", tensors, req.selector, req.weight_version,
+                                      flush=req.flush_cache, t0=t0)  # fmt: skip
+        return _ok("Succeeded to update parameter online.", label)
+
+    def _announce(self, req: sgl.UpdateWeightsFromDistributedRequest) -> list[torch.dtype]:
+        """Check what the trainer announced is receivable at all (before any broadcast)."""
+        if not (len(req.names) == len(req.dtypes) == len(req.shapes)) or not req.names:
+            raise _failure("names, dtypes and shapes must be non-empty lists of equal length")
+        if len(set(req.names)) != len(req.names):
+            raise _failure("names must be distinct")
+        if req.load_format not in (None, "flattened_bucket"):
+            raise _failure(
+                f"load_format {req.load_format!r} is not supported (None or flattened_bucket)"
+            )
+        try:
+            dtypes = [parse_dtype(d) for d in req.dtypes]
+        except WeightUpdateError as exc:
+            raise _failure(str(exc)) from exc
+        if any(d < 0 for s in req.shapes for d in s):
+            raise _failure("shapes must be non-negative")
+        total = sum(nbytes(s, d) for s, d in zip(req.shapes, dtypes, strict=True))
+        if total > self.config.max_distributed_bytes:
+            raise _failure(
+                f"update of {total} bytes exceeds the limit {self.config.max_distributed_bytes}",
+                413,
+            )
+        return dtypes
+
+    # ----------------------------------------------------------------- groups
+    async def init_group(self, req: sgl.InitWeightsUpdateGroupRequest) -> sgl.UpdateResult:
+        if req.group_name in self.groups:
+            raise _failure(f"group {req.group_name!r} already exists")
+        backend = req.backend.lower()
+        device = self.engine.config.device
+        if backend not in ("gloo", "nccl"):
+            raise _failure(f"backend {req.backend!r} is not supported (gloo, nccl)")
+        if backend == "nccl" and not device.startswith("cuda"):
+            raise _failure("the engine runs on CPU: use backend 'gloo' (nccl needs a GPU)")
+        if req.rank_offset >= req.world_size:
+            raise _failure("rank_offset must be < world_size")
+        group = WeightUpdateGroup(req.group_name, backend, device, self.config.group_timeout_s)
+        try:
+            await group.join(req.master_address, req.master_port, req.rank_offset, req.world_size)
+        except Exception as exc:
+            await group.destroy()
+            raise _failure(f"Failed to initialize custom process group: {exc}.") from exc
+        self.groups[req.group_name] = group
+        return _ok("Succeeded to initialize custom process group.", self.engine.weight_version)
+
+    async def destroy_group(self, name: str) -> sgl.UpdateResult:
+        group = self.groups.pop(name, None)
+        if group is None:
+            raise _failure("The group to be destroyed does not exist.")
+        await group.destroy()
+        return _ok("Succeeded to destroy custom process group.", self.engine.weight_version)
+
+    async def close(self) -> None:
+        for name in list(self.groups):
+            await self.groups.pop(name).destroy()
+
+    # ---------------------------------------------------------------- control
+    def begin(self, selector: str) -> sgl.UpdateResult:
+        self.session = selector
+        return _ok("Weight update session opened.", self.engine.weight_version)
+
+    def end(self) -> sgl.UpdateResult:
+        if self.session is None:
+            raise _failure("no weight update session is open (call /begin_weight_update)")
+        self.session = None
+        return _ok("Weight update session closed.", self.engine.weight_version)

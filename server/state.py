@@ -1,0 +1,37 @@
+"""Everything the routes need, built once per app (no module globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from server.backends import ServingBackend
+from server.config import ServerConfig
+from server.metrics import ServerMetrics
+from server.serving.generate import GenerateServing
+from server.serving.openai import OpenAIServing
+from server.serving.weights import WeightServing
+
+
+@dataclass
+class ServerState:
+    engine: ServingBackend
+    config: ServerConfig
+    metrics: ServerMetrics
+    openai: OpenAIServing
+    generate: GenerateServing
+    weights: WeightServing
+    started_at: float = field(default_factory=time.time)
+    shutting_down: bool = False
+
+    @classmethod
+    def build(cls, engine: ServingBackend, config: ServerConfig) -> ServerState:
+        metrics = ServerMetrics(engine, config.served_model_name)
+        return cls(
+            engine=engine,
+            config=config,
+            metrics=metrics,
+            openai=OpenAIServing(engine, config, metrics),
+            generate=GenerateServing(engine, config, metrics),
+            weights=WeightServing(engine, config, metrics),
+        )

@@ -1,0 +1,1 @@
+"""Weight sync: safetensors decoding and checks, and the distributed weight-update group."""

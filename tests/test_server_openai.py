@@ -1,0 +1,117 @@
+"""The OpenAI dialect, exercised with the official `openai` client against a real uvicorn
+server (tiny random Qwen3 + byte-level BPE tokenizer with a chat template, MTP head, RS)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from bebop_spec import LLM, SamplingParams
+from bebop_spec.testing import make_tiny_model
+from server.testing import serve_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("oai") / "m", with_tokenizer=True, seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with serve_model(str(model_dir), str(model_dir / "mtp")) as (srv, state):
+        yield srv, state
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0].url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_served_name(client):
+    """/v1/models names the served model, as the client parses it."""
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_greedy_matches_offline_engine(client, model_dir):
+    """A greedy completion equals the offline LLM's output for the same prompt (same weights,
+    exact verification), and carries usage, weight version and spec stats."""
+    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})  # fmt: skip
+    choice = r.choices[0]
+    llm = LLM(str(model_dir), mtp=str(model_dir / "mtp"))
+    ref = llm.generate(
+        ["Hello world"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
+    assert choice.token_ids == ref[0].outputs[0].token_ids
+    assert choice.text == ref[0].outputs[0].text
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(choice.prompt_token_ids)
+    extra = r.model_extra
+    assert extra["weight_version"] == "default" and extra["spec_stats"]["num_drafts"] > 0
+    assert choice.model_extra["weight_versions"] == [{"version": "default", "start": 0, "end": 12}]
+
+
+def test_completion_n_and_logprobs(client):
+    """n samples come back as n choices; logprobs list one entry per token with top-k."""
+    r = client.completions.create(model="tiny", prompt=["The quick", "Hello"], max_tokens=5, n=3,
+                                  logprobs=2, seed=1, extra_body={"ignore_eos": True})  # fmt: skip
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == 5 == len(c.logprobs.token_logprobs)
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+        assert all(len(top) >= 1 for top in c.logprobs.top_logprobs)
+    assert r.usage.completion_tokens == 30
+
+
+def test_completion_stream_reassembles(client):
+    """Streamed deltas concatenate to the non-streamed text (same seed), ending with [DONE]."""
+    kw = dict(model="tiny", prompt="The quick", max_tokens=10, seed=7, temperature=1.0,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage.completion_tokens == 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_uses_template_and_streams(client, model_dir):
+    """Chat renders the tokenizer's template; stream and non-stream agree for a seeded request."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=8, seed=3,
+              extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].message.role == "assistant"
+    llm = LLM(str(model_dir), mtp=str(model_dir / "mtp"))
+    prompt = llm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert (
+        r.model_extra["prompt_token_ids"]
+        == llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )
+    stream = client.chat.completions.create(stream=True, **kw)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == r.choices[0].message.content
+
+
+def test_chat_logprobs_and_n(client):
+    """Chat logprobs: one entry per generated token with the requested top alternatives."""
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, n=2, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert len(c.logprobs.content) == 4
+        assert all(len(t.top_logprobs) == 3 for t in c.logprobs.content)
+
+
+def test_client_errors_are_openai_errors(client):
+    """Client mistakes surface as the client's typed errors (4xx), never 500."""
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
