@@ -1,0 +1,238 @@
+"""Hot weight sync against a real uvicorn server: every path changes greedy output to
+exactly what the new weights produce offline, records the version on each token, and any
+malformed update leaves outputs and version unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import safetensors.torch
+import torch
+
+from bebop_spec import LLM, SamplingParams
+from bebop_spec.testing import make_tiny_model
+from server.testing import free_port, serve_model
+
+PROMPT = [3, 1, 4, 1, 5]
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("w")
+    return [make_tiny_model(root / f"m{i}", vocab_size=64, seed=10 * i + 1) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    with serve_model(str(models[0]), str(models[0] / "mtp")) as (srv, state):
+        yield srv, state
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server[0].url, timeout=120) as c:
+        yield c
+
+
+def offline_greedy(target: Path, mtp: Path) -> list[int]:
+    llm = LLM(str(target), mtp=str(mtp))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    return llm.generate([PROMPT], params)[0].outputs[0].token_ids
+
+
+def greedy(http: httpx.Client) -> dict:
+    return http.post("/generate", json={"input_ids": PROMPT, "sampling_params": GREEDY}).json()
+
+
+def version(http: httpx.Client) -> str:
+    return http.get("/get_weight_version").json()["weight_version"]
+
+
+def target_tensors(model: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(model / "model.safetensors"))
+
+
+def test_update_from_disk(http, models):
+    """/update_weights_from_disk swaps the target; greedy output becomes the offline output
+    of the new weights (draft head kept), and tokens carry the new version label."""
+    assert greedy(http)["output_ids"] == offline_greedy(models[0], models[0] / "mtp")
+    r = http.post("/update_weights_from_disk", json={"model_path": str(models[1]), "weight_version": "disk-1",
+                                                     "selector": "target"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["success"], r.text
+    out = greedy(http)
+    assert out["output_ids"] == offline_greedy(models[1], models[0] / "mtp")
+    assert out["meta_info"]["weight_versions"] == [{"version": "disk-1", "start": 0, "end": 12}]
+    assert version(http) == "disk-1"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad_shape",
+        "nan",
+        "unknown_name",
+        "int_dtype",
+        "garbage_bytes",
+        "pickle_json",
+        "missing_dir",
+        "no_group",
+    ],
+)
+def test_malformed_update_changes_nothing(http, models, case):
+    """Each malformed update is refused with 4xx (SGLang body + OpenAI error); the version and
+    greedy output stay what they were."""
+    before, v0 = greedy(http)["output_ids"], version(http)
+    t = {k: v.clone() for k, v in list(target_tensors(models[2]).items())[:3]}
+    name = next(iter(t))
+    octet = {"content-type": "application/octet-stream"}
+    if case == "bad_shape":
+        t[name] = torch.zeros(3, 3)
+    elif case == "nan":
+        t[name][0] = float("nan")  # the other tensors are fine: still nothing may change
+    elif case == "unknown_name":
+        t["model.layers.99.mlp.up_proj.weight"] = torch.zeros(2)
+    elif case == "int_dtype":
+        t[name] = t[name].to(torch.int32)
+    if case in ("bad_shape", "nan", "unknown_name", "int_dtype"):
+        r = http.post(
+            "/update_weights_from_tensor", content=safetensors.torch.save(t), headers=octet
+        )
+    elif case == "garbage_bytes":
+        r = http.post(
+            "/update_weights_from_tensor",
+            content=b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+            headers=octet,
+        )
+    elif case == "pickle_json":
+        blob = base64.b64encode(b"\x80\x04\x95...pickle...").decode()
+        r = http.post("/update_weights_from_tensor", json={"serialized_named_tensors": [blob]})
+    elif case == "missing_dir":
+        r = http.post("/update_weights_from_disk", json={"model_path": "/nonexistent/dir"})
+    else:
+        r = http.post("/update_weights_from_distributed",
+                      json={"names": [name], "dtypes": ["float32"], "shapes": [[1]], "group_name": "nope"})  # fmt: skip
+    assert 400 <= r.status_code < 500, r.text
+    body = r.json()
+    assert body["success"] is False and body["error"]["message"]
+    assert version(http) == v0 and greedy(http)["output_ids"] == before
+
+
+def test_tensor_push_draft_only_and_json_form(http, models):
+    """selector=draft replaces only the MTP head (greedy output unchanged, version moves);
+    SGLang's JSON form with base64 safetensors updates the target."""
+    before = greedy(http)["output_ids"]
+    head = safetensors.torch.load_file(str(models[2] / "mtp" / "model.safetensors"))
+    r = http.post("/update_weights_from_tensor?selector=draft&weight_version=draft-1",
+                  content=safetensors.torch.save(head), headers={"content-type": "application/octet-stream"})  # fmt: skip
+    assert r.json()["success"] and r.json()["weight_version"] == "draft-1", r.text
+    assert greedy(http)["output_ids"] == before
+    blob = base64.b64encode(safetensors.torch.save(target_tensors(models[2]))).decode()
+    r = http.post("/update_weights_from_tensor", json={"serialized_named_tensors": [blob], "selector": "target",
+                                                       "weight_version": "json-1"})  # fmt: skip
+    assert r.json()["success"], r.text
+    assert greedy(http)["output_ids"] == offline_greedy(models[2], models[2] / "mtp")
+
+
+TRAINER = r"""
+import json, sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
+from server.weight_sync.group import init_custom_process_group
+url, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = httpx.Client(base_url=url, timeout=120)
+results = []
+def post(route, body):
+    results.append((route, c.post(route, json=body)))
+t = threading.Thread(target=post, args=("/init_weights_update_group", {"master_address": "127.0.0.1",
+    "master_port": port, "rank_offset": 1, "world_size": 2, "group_name": "wg", "backend": "gloo"}))
+t.start()
+pg = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, 0, "wg")
+t.join()
+tensors = safetensors.torch.load_file(path)
+def update(named, version, flat):
+    meta = {"names": list(named), "dtypes": [str(v.dtype).replace("torch.", "") for v in named.values()],
+            "shapes": [list(v.shape) for v in named.values()], "group_name": "wg", "weight_version": version,
+            "selector": "target", "load_format": "flattened_bucket" if flat else None}
+    t = threading.Thread(target=post, args=("/update_weights_from_distributed", meta)); t.start()
+    if flat:
+        dist.broadcast(torch.cat([v.flatten().view(torch.uint8) for v in named.values()]), src=0, group=pg)
+    else:
+        for v in named.values():
+            dist.broadcast(v, src=0, group=pg)
+    t.join()
+bad = dict(tensors); bad["model.layers.42.bogus.weight"] = torch.zeros(4)
+update(bad, "bad", False)                                            # refused, group still usable
+update({k: v.to(torch.bfloat16) for k, v in tensors.items()}, "bf16", True)  # bucket, cast to fp32
+update(tensors, "gloo-1", False)                                     # one broadcast per tensor
+post("/destroy_weights_update_group", {"group_name": "wg"})
+dist.destroy_process_group(pg)
+print(json.dumps([(route, r.status_code, r.json()) for route, r in results]))
+"""
+
+
+def test_update_over_gloo_group(server, http, models):
+    """A trainer process forms the group as SGLang's init_custom_process_group (rank 0) and
+    broadcasts: a bad bucket is refused without desynchronising the group, a flattened bf16
+    bucket and a per-tensor update are applied; greedy output = offline new weights."""
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-c", TRAINER, server[0].url, str(port), str(models[1] / "model.safetensors")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(route, code) for route, code, _ in res] == [
+        ("/init_weights_update_group", 200), ("/update_weights_from_distributed", 400),
+        ("/update_weights_from_distributed", 200), ("/update_weights_from_distributed", 200),
+        ("/destroy_weights_update_group", 200),
+    ]  # fmt: skip
+    assert "bogus" in res[1][2]["message"]
+    assert version(http) == "gloo-1"
+    out = greedy(http)
+    assert out["output_ids"] == offline_greedy(models[1], models[2] / "mtp")
+    assert out["meta_info"]["weight_version"] == "gloo-1"
+
+
+def test_versions_recorded_per_token_across_an_update(server, http, models):
+    """A request paused in place mid-generation, updated, then resumed reports two version
+    spans covering its tokens: the old weights' prefix and the new weights' suffix."""
+    srv, state = server
+    old = version(http)
+
+    async def run() -> dict:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            body = {
+                "input_ids": PROMPT,
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 300, "ignore_eos": True},
+            }
+            last = None
+            async with c.stream("POST", "/generate", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    last = json.loads(line[6:])
+                    if (
+                        len(last["output_ids"]) >= 3
+                        and state.engine.version_labels.get(state.engine.version) == old
+                    ):
+                        await c.post("/pause_generation", json={"mode": "in_place"})
+                        r2 = await c.post(
+                            "/update_weights_from_disk",
+                            json={"model_path": str(models[0]), "weight_version": "mid"},
+                        )
+                        assert r2.json()["success"], r2.text
+                        await c.post("/continue_generation", json={})
+            return last
+
+    out = asyncio.run(run())
+    spans = out["meta_info"]["weight_versions"]
+    assert [s["version"] for s in spans] == [old, "mid"]
+    assert (
+        spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] and spans[1]["end"] == 300
+    )
