@@ -1,0 +1,41 @@
+"""Pure tensor functions of speculative decoding: sampling transforms, chain verification
+(rs / to / greedy), acceptance formulas and statistics. See docs/architecture.md "spec/"."""
+
+from bebop_spec.spec.sampling import (
+    SamplingTensors,
+    draw_uniforms,
+    logprobs_of,
+    make_generators,
+    process_logits,
+    sample_from_probs,
+    top_logprobs,
+)
+from bebop_spec.spec.stats import SpecCounters, entropy
+from bebop_spec.spec.verify import (
+    DRAFT_MODES,
+    acceptance_rs,
+    acceptance_to,
+    draft_tokens,
+    expected_accepted,
+    speedup_bound,
+    verify_chain,
+)
+
+__all__ = [
+    "DRAFT_MODES",
+    "SamplingTensors",
+    "SpecCounters",
+    "acceptance_rs",
+    "acceptance_to",
+    "draft_tokens",
+    "draw_uniforms",
+    "entropy",
+    "expected_accepted",
+    "logprobs_of",
+    "make_generators",
+    "process_logits",
+    "sample_from_probs",
+    "speedup_bound",
+    "top_logprobs",
+    "verify_chain",
+]
