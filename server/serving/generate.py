@@ -187,7 +187,7 @@ class GenerateServing:
         arrival = time.perf_counter()
         streams = [self._stream_of(it, arrival) for it in items]
         try:
-            streams = await start_streams(streams)
+            streams = await cancel_on_disconnect(raw, start_streams(streams))
         except EngineOverloaded as exc:
             raise ApiError(503, str(exc) or "server overloaded",
                            headers={"Retry-After": str(self.config.retry_after_s)}) from exc  # fmt: skip

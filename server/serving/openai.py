@@ -186,7 +186,7 @@ class OpenAIServing:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
         try:
-            streams = await start_streams(streams)
+            streams = await cancel_on_disconnect(raw, start_streams(streams))
         except EngineOverloaded as exc:
             raise ApiError(503, str(exc) or "server overloaded", headers=self._retry()) from exc
         except InvalidRequest as exc:
