@@ -140,8 +140,9 @@ class ServerMetrics:
             self.target_entropy.labels(m).observe(h)
             bucket = entropy_bucket(h)
             self.verified_by_entropy.labels(m, bucket).inc()
+            accepted = self.accepted_by_entropy.labels(m, bucket)  # exists (at 0) once verified
             if ok:
-                self.accepted_by_entropy.labels(m, bucket).inc()
+                accepted.inc()
 
     def observe_weight_sync(self, source: str, seconds: float, nbytes: int, ok: bool) -> None:
         if ok:
