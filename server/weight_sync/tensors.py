@@ -89,6 +89,9 @@ def unflatten_bucket(
 ) -> dict[str, torch.Tensor]:
     """One uint8 buffer holding tensors back to back in `names` order -> views (SGLang's
     `FlattenedTensorBucket` layout: no padding, each offset aligned to its dtype)."""
+    need = sum(nbytes(s, d) for s, d in zip(shapes, dtypes, strict=True))
+    if need != buffer.numel():
+        raise WeightUpdateError(f"bucket holds {buffer.numel()} bytes, tensors need {need}")
     out, offset = {}, 0
     for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
         size = nbytes(shape, dtype)
@@ -96,8 +99,6 @@ def unflatten_bucket(
             raise WeightUpdateError(f"unaligned tensor {name} at byte {offset} for {dtype}")
         out[name] = buffer[offset : offset + size].view(dtype).reshape(tuple(shape))
         offset += size
-    if offset != buffer.numel():
-        raise WeightUpdateError(f"bucket holds {buffer.numel()} bytes, tensors need {offset}")
     return out
 
 
