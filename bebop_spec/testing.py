@@ -84,14 +84,14 @@ def make_tiny_model(
         num_key_value_heads=2,
         head_dim=hidden_size // 4,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         eos_token_id=eos if eos is not None else vocab_size - 1,
         bos_token_id=None,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.float32)
-    with torch.no_grad():  # larger logits than HF's default init → lower entropy, like a trained LM
-        model.lm_head.weight.normal_(0, 0.5) if not cfg.tie_word_embeddings else None
+    with torch.no_grad():  # logits of std ~2: entropies well below log V, like a trained LM
+        model.lm_head.weight.normal_(0, 0.25)
         model.get_input_embeddings().weight.normal_(0, 0.5)
     model.save_pretrained(str(out), safe_serialization=True)
     if mtp_layout is not None:

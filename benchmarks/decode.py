@@ -1,0 +1,224 @@
+"""Decode throughput: transformers.generate vs the embedded engine without / with speculation.
+
+    python benchmarks/decode.py                      # demo model + its e2e-TV head
+    python benchmarks/decode.py --model DIR --mtp DIR --batch-sizes 1 16 --max-tokens 128
+
+For each batch size it times (i) `transformers` `generate` (sampling, same weights),
+(ii) the engine without speculation, (iii) with `to`, (iv) with `rs`; T = 1, γ = 3. For the
+speculative rows it reports acceptance, E[accepted drafts per step], the measured draft/verify
+cost ratio c, the bound (1 + E[A]) / (1 + γ·c) and the measured speedup over (ii).
+Writes JSON (and a bar plot) under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bebop_spec import LLM, SamplingParams
+from bebop_spec.models import KVCache
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def demo_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
+    """Chat-formatted held-out prompts from the demo corpus (math, code, agent in turn)."""
+    from bebop_spec.demo.corpus import heldout_prompts
+
+    texts = heldout_prompts(count, seed=seed)
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=True,
+                                      add_generation_prompt=True)  # fmt: skip
+        for t in texts
+    ]
+
+
+def time_engine(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
+    llm.generate(prompts[:2], params)  # warm-up
+    before = llm.spec_stats.num_drafts
+    del before
+    best = float("inf")
+    tokens = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        best = min(best, dt)
+    return tokens / best, tokens
+
+
+def time_hf(model_dir: str, prompts, max_tokens: int, repeats: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=True,
+              temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)  # fmt: skip
+    with torch.no_grad():
+        model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=True)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, **kw)
+            best = min(best, time.perf_counter() - t0)
+    return (out.shape[1] - width) * len(prompts) / best
+
+
+@torch.inference_mode()
+def draft_cost_ratio(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30) -> float:
+    """c = time of one MTP draft step (1 token/row) ÷ one target verify forward (γ+1 tokens/row)."""
+    runner = llm.engine.runner
+    mc = llm.engine.model_config
+    target, mtp = runner.target, runner.mtp
+    slots = torch.arange(batch)
+    cache = KVCache(mc.num_hidden_layers, batch, ctx + gamma + 2, mc.num_key_value_heads,
+                    mc.head_dim)  # fmt: skip
+    mcache = KVCache(mtp.num_layers, batch, ctx + gamma + 2, mc.num_key_value_heads, mc.head_dim)
+    ids = torch.randint(0, mc.vocab_size, (batch, gamma + 1))
+    pos = ctx + torch.arange(gamma + 1)[None].expand(batch, -1)
+    h = torch.randn(batch, 1, mc.hidden_size)
+
+    def verify():
+        return target.compute_logits(target(ids, pos, cache, slots))
+
+    def draft():
+        g = mtp(h, ids[:, :1], pos[:, :1], mcache, slots, embed=target.embed, step=0)
+        return target.compute_logits(g)
+
+    def clock(fn):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
+
+    return clock(draft) / clock(verify)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None, help="target dir (default: the demo model)")
+    ap.add_argument("--mtp", default=None, help="MTP head dir (default: the demo's e2e-TV head)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "decode.json"))
+    args = ap.parse_args()
+
+    model, mtp = args.model, args.mtp
+    if model is None:
+        from bebop_spec.demo.build import demo_head_path, ensure_demo
+
+        model = str(ensure_demo())
+        mtp = mtp or str(demo_head_path())
+    torch.manual_seed(args.seed)
+    engines = {
+        "none": LLM(model, draft_mode=None),
+        "to": LLM(model, mtp=mtp, draft_mode="to", num_speculative_tokens=args.gamma),
+        "rs": LLM(model, mtp=mtp, draft_mode="rs", num_speculative_tokens=args.gamma),
+    }
+    tok = engines["none"].tokenizer
+    rows = []
+    bar = tqdm(total=len(args.batch_sizes) * 4, desc="decode bench")
+    for bs in args.batch_sizes:
+        prompts = demo_prompts(tok, bs, args.seed) if tok is not None else [[1, 2, 3]] * bs
+        params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
+                                seed=args.seed)  # fmt: skip
+        hf = None if args.skip_hf else time_hf(model, prompts, args.max_tokens, args.repeats)
+        bar.update(1)
+        base, _ = time_engine(engines["none"], prompts, params, args.repeats)
+        bar.update(1)
+        rows.append({"batch": bs, "engine": "transformers", "tok_s": hf})
+        rows.append({"batch": bs, "engine": "bebop-none", "tok_s": base,
+                     "vs_transformers": base / hf if hf else None})  # fmt: skip
+        for mode in ("to", "rs"):
+            llm = engines[mode]
+            s0 = _snapshot(llm)
+            tps, _ = time_engine(llm, prompts, params, args.repeats)
+            s = _delta(llm, s0)
+            e_acc = s["accepted"] / s["drafts"]
+            c = draft_cost_ratio(llm, bs, args.gamma)
+            bound = (1 + e_acc) / (1 + args.gamma * c)
+            rows.append({"batch": bs, "engine": f"bebop-{mode}", "tok_s": tps,
+                         "acceptance": s["accepted"] / (s["drafts"] * args.gamma),
+                         "per_position": [a / s["drafts"] for a in s["per_pos"]],
+                         "e_accepted": e_acc, "c": c, "bound": bound,
+                         "speedup": tps / base, "of_bound": tps / base / bound})  # fmt: skip
+            bar.update(1)
+    bar.close()
+    _print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "mtp": mtp, "gamma": args.gamma, "max_tokens": args.max_tokens,
+            "threads": torch.get_num_threads(), "device": "cpu"}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    _plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def _snapshot(llm: LLM) -> dict:
+    s = llm.spec_stats
+    return {"drafts": s.num_drafts, "accepted": s.num_accepted_tokens,
+            "per_pos": list(s.accepted_per_pos)}  # fmt: skip
+
+
+def _delta(llm: LLM, before: dict) -> dict:
+    now = _snapshot(llm)
+    per = [a - b for a, b in zip(now["per_pos"], before["per_pos"] + [0] * 8, strict=False)]
+    return {"drafts": now["drafts"] - before["drafts"],
+            "accepted": now["accepted"] - before["accepted"], "per_pos": per}  # fmt: skip
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = f"{'batch':>5} {'engine':<14} {'tok/s':>9} {'accept':>7} {'E[A]':>5} {'c':>5} " \
+           f"{'bound':>6} {'speedup':>8} {'of bound':>8}"  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def f(key, fmt):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, float) else "-"
+
+        print(f"{r['batch']:>5} {r['engine']:<14} {f('tok_s', '9.1f'):>9} "
+              f"{f('acceptance', '7.3f'):>7} {f('e_accepted', '5.2f'):>5} {f('c', '5.2f'):>5} "
+              f"{f('bound', '6.2f'):>6} {f('speedup', '8.2f'):>8} {f('of_bound', '8.2f'):>8}")  # fmt: skip
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    engines = ["transformers", "bebop-none", "bebop-to", "bebop-rs"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.2
+    for i, eng in enumerate(engines):
+        vals = [next((r["tok_s"] or 0 for r in rows if r["batch"] == b and r["engine"] == eng), 0)
+                for b in batches]  # fmt: skip
+        ax.bar([j + i * width for j in range(len(batches))], vals, width, label=eng)
+    ax.set_xticks([j + 1.5 * width for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("generated tokens / s (CPU)")
+    ax.set_title("Decode throughput, T = 1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
