@@ -1,0 +1,87 @@
+"""Pre-RL MTP head training: losses, self-distillation data, trainer, evaluation, export.
+
+    bebop mtp data | train | eval | export ...          (bebop_spec.train.cli; docs/mtp_training.md)
+    head_dir = train_demo_head(target_dir, out_dir)     # data + e2e-TV training for the demo model
+
+Submodules are imported lazily: `import bebop_spec.train` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+# Demo-head budget, measured on 2 shared CPU cores with the demo target (docs/mtp_training.md):
+# self-distillation of DEMO_PROMPTS prompts per domain, then DEMO_STEPS optimiser steps.
+DEMO_STEPS = 150
+DEMO_PROMPTS = 64
+DEMO_MAX_TOKENS = 192
+DEMO_TRAIN = dict(lr=1e-3, batch_size=8, seq_len=512, warmup=10, max_chains=256, log_every=5)
+
+
+def _demo_corpus(target_dir: Path) -> Path | None:
+    """The corpus built next to the demo target (`<root>/corpus`), if there is one."""
+    sibling = target_dir.parent / "corpus"
+    return sibling if any(sibling.glob("*.train.jsonl")) else None
+
+
+def train_demo_head(
+    target_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = DEMO_STEPS,
+    loss: str = "e2e_tv",
+    gamma: int = 3,
+    num_prompts: int = DEMO_PROMPTS,
+    max_tokens: int = DEMO_MAX_TOKENS,
+    progress: bool = True,
+) -> Path:
+    """Self-distil the demo target at T = 1 and train an MTP head on it; returns out_dir, which
+    then holds the head (config.json + model.safetensors, `LLM(target, mtp=out_dir)`), plus
+    `data/`, `train_log.jsonl`, `training_curve.png` and `summary.json`."""
+    from bebop_spec.train.selfdistill import DataConfig, generate_dataset
+    from bebop_spec.train.trainer import TrainConfig, plot_training_curve, train_mtp
+
+    target_dir, out = Path(target_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    corpus = _demo_corpus(target_dir)
+    data_cfg = DataConfig(model=str(target_dir), out=str(out / "data"), num_prompts=num_prompts,
+                          temperature=1.0, max_tokens=max_tokens, seed=seed,
+                          corpus=str(corpus) if corpus else None)  # fmt: skip
+    meta = generate_dataset(data_cfg, progress=progress)
+    t_data = time.perf_counter() - t0
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = TrainConfig(model=str(target_dir), data=data_cfg.out, out=str(run), loss=loss,
+                      gamma=gamma, steps=steps, seed=seed, save_every=0, **DEMO_TRAIN)  # fmt: skip
+    result = train_mtp(cfg)
+    for f in result.head_dir.iterdir():  # the head itself lives at out_dir
+        shutil.copy2(f, out / f.name)
+    shutil.copy2(result.log_path, out / result.log_path.name)
+    plot_training_curve(out / result.log_path.name, out / "training_curve.png")
+    shutil.rmtree(run)  # optimiser state and the duplicate head: not needed after the build
+    summary = {
+        "loss": loss, "gamma": gamma, "steps": result.step, "seed": seed,
+        "data": {"sequences": meta.num_sequences, "response_tokens": meta.num_response_tokens},
+        "final_soft_alpha": result.alpha, "final_accepted_length": result.accepted_length,
+        "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t0, 1)},
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+def demo_head_stage(target_dir: Path, out_dir: Path) -> dict:
+    """`train_head` hook for `bebop_spec.demo.build`: train_demo_head with its defaults; returns
+    the JSON summary the build records."""
+    train_demo_head(target_dir, out_dir)
+    return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+# The demo build retrains the head when this changes (see demo/build.py `_head_key`).
+demo_head_stage.cache_key = f"e2e_tv-g3-s{DEMO_STEPS}-p{DEMO_PROMPTS}-t{DEMO_MAX_TOKENS}-v1"
+
+__all__ = ["DEMO_STEPS", "demo_head_stage", "train_demo_head"]
