@@ -1,11 +1,11 @@
 """`bebop` command line. Subcommands import their modules lazily so `--help` stays fast.
 
-    bebop serve [--model DIR] ...          rollout server (default model: the built-in demo)
-    bebop generate --prompt TEXT ...       offline generation with speculative stats
-    bebop demo build                       build the demo model (cached)
-    bebop mtp data|train|eval|export ...   pre-RL MTP head training with the e2e TV loss
-    bebop patch vllm|sglang ...            apply Bebop's patches to an installed engine
-    bebop analyze ...                      acceptance-vs-entropy analysis
+bebop serve [--model DIR] ...          rollout server (default model: the built-in demo)
+bebop generate --prompt TEXT ...       offline generation with speculative stats
+bebop demo build                       build the demo model (cached)
+bebop mtp data|train|eval|export ...   pre-RL MTP head training with the e2e TV loss
+bebop patch vllm|sglang ...            apply Bebop's patches to an installed engine
+bebop analyze ...                      acceptance-vs-entropy analysis
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def _cmd_generate(argv: list[str]) -> int:
     if args.chat:
         tok = llm.tokenizer
         prompts = [
-            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                    add_generation_prompt=True)  # fmt: skip
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )  # fmt: skip
             for p in prompts
         ]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

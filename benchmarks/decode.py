@@ -32,8 +32,9 @@ def demo_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
 
     texts = heldout_prompts(count, seed=seed)
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=True,
-                                      add_generation_prompt=True)  # fmt: skip
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True
+        )  # fmt: skip
         for t in texts
     ]
 
@@ -189,6 +190,7 @@ def _print_table(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, float) else "-"

@@ -100,9 +100,9 @@ def test_stop_strings(tiny_text_model):
     out = llm.generate("Hello world", _greedy(20, stop=[stop]))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == ref.text[: ref.text.index(stop)]
-    out = llm.generate(
-        "Hello world", _greedy(20, stop=[stop], include_stop_str_in_output=True)
-    )[0].outputs[0]
+    out = llm.generate("Hello world", _greedy(20, stop=[stop], include_stop_str_in_output=True))[
+        0
+    ].outputs[0]
     assert out.text.endswith(stop)
 
 

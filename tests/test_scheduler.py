@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bebop_spec.engine.scheduler import Scheduler
-from bebop_spec.engine.sequence import Sequence, SeqStatus
+from bebop_spec.engine.sequence import SeqStatus, Sequence
 from bebop_spec.errors import EngineOverloaded
 from bebop_spec.sampling_params import SamplingParams
 
