@@ -13,6 +13,7 @@ Writes JSON (and a bar plot) under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -190,14 +191,16 @@ def _print_table(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-
-        def f(key, fmt):
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, float) else "-"
+        f = functools.partial(_cell, r)
 
         print(f"{r['batch']:>5} {r['engine']:<14} {f('tok_s', '9.1f'):>9} "
               f"{f('acceptance', '7.3f'):>7} {f('e_accepted', '5.2f'):>5} {f('c', '5.2f'):>5} "
               f"{f('bound', '6.2f'):>6} {f('speedup', '8.2f'):>8} {f('of_bound', '8.2f'):>8}")  # fmt: skip
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    v = r.get(key)
+    return format(v, fmt) if isinstance(v, float) else "-"
 
 
 def _plot(rows: list[dict], path: Path) -> None:
