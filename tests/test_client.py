@@ -370,6 +370,23 @@ def test_metrics_real_server(real):
     assert window.num_drafts == m.num_drafts - before.num_drafts > 0
 
 
+def test_async_rl_loop_example(real):
+    """clients/examples/async_rl_loop.py runs two GRPO steps against the server: rollouts
+    overlap training, and each step pushes a new integer version above the served one."""
+    import importlib.util
+
+    client, _, models, _ = real
+    spec = importlib.util.spec_from_file_location(
+        "rl_loop", REPO / "clients/examples/async_rl_loop.py"
+    )
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    before = int(next(iter(client.weight_versions().values())))
+    args = loop.args_parser().parse_args(["--steps", "2", "--prompts", "2", "--group", "2",
+                                          "--max-new-tokens", "6"])  # fmt: skip
+    assert asyncio.run(loop.run(client.urls[0], str(models[0]), args)) == str(before + 2)
+
+
 def test_metrics_parser_matches_prometheus_client():
     """parse_metrics reads prometheus_client's own exposition (escaped label values, +Inf
     buckets, _total/_sum/_count) to the same samples its reference parser finds."""
