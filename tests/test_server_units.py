@@ -3,7 +3,9 @@ checks and the flattened-bucket layout, safetensors decoding, metrics rendering,
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from types import SimpleNamespace
 
 import pydantic
@@ -92,13 +94,47 @@ def test_flattened_bucket_matches_sglang_layout():
         )
 
 
-def test_safetensors_bytes_roundtrip_and_garbage():
-    """Safetensors bytes decode to the same tensors; anything else is a WeightUpdateError."""
-    t = {"w": torch.randn(2, 3)}
-    assert torch.equal(load_safetensors_bytes(safetensors.torch.save(t))["w"], t["w"])
-    for junk in (b"", b"\x80\x04\x95pickle", b"\xff" * 8 + b"{}", safetensors.torch.save(t)[:-4]):
-        with pytest.raises(WeightUpdateError):
-            load_safetensors_bytes(junk)
+def _st(header: object, data: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def _f32(shape: list, offsets: list) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+
+
+def test_safetensors_bytes_roundtrip():
+    """Our zero-copy decoder reads what safetensors writes, every dtype, views included."""
+    t = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(5),
+         "d": torch.zeros(0), "e": torch.tensor([True, False]), "f": torch.randn(2, 2).half()}  # fmt: skip
+    data = safetensors.torch.save(t, metadata={"step": "3"})
+    for form in (data, bytearray(data)):
+        out = load_safetensors_bytes(form)
+        assert out.keys() == t.keys() and all(torch.equal(out[k], v) for k, v in t.items())
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"",
+        b"1234567",
+        b"\xff" * 16,  # header length beyond the buffer
+        b"\x80\x04\x95pickle-bytes-here",
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+        _st([1, 2]),
+        _st({"a": "x"}),
+        _st({"a": _f32([2], [0, 4])}, b"\0" * 8),  # size != shape
+        _st({"a": _f32([2], [0, 8])}, b"\0" * 4),  # beyond the data
+        _st({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+        _st({"a": _f32([-2], [0, 8])}, b"\0" * 8),
+        _st({"a": _f32([2.0], [0, 8])}, b"\0" * 8),
+        _st({"a": _f32([2], [0, 8]), "b": _f32([1], [4, 8])}, b"\0" * 8),  # overlap
+    ],
+)
+def test_safetensors_bytes_rejects_malformed(junk):
+    """Anything but well-formed safetensors (pickle included) is a WeightUpdateError."""
+    with pytest.raises(WeightUpdateError):
+        load_safetensors_bytes(junk)
 
 
 def test_parse_dtype_spellings():

@@ -146,3 +146,4 @@ class UpdateResult(BaseModel):
     message: str
     weight_version: str | None = None  # ext: label serving after the call
     num_paused_requests: int = 0
+    timings: dict[str, float] | None = None  # ext: receive / check / swap / total seconds

@@ -3,6 +3,7 @@ failures also carry the OpenAI-style `error` object."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -62,9 +63,15 @@ def weights_router(state: ServerState) -> APIRouter:
         in the query string, streamed and size-capped) or SGLang's JSON with base64
         safetensors entries."""
         if raw.headers.get("content-type", "").split(";")[0].strip() == OCTET:
+            t0 = time.perf_counter()
             data = await _read_capped(raw, state.config.max_tensor_body_bytes)
             work = w.from_tensor_bytes(
-                data, selector, weight_version, flush=flush_cache, abort_all=abort_all_requests
+                data,
+                selector,
+                weight_version,
+                flush=flush_cache,
+                abort_all=abort_all_requests,
+                t0=t0,
             )
             return await _reply(work)
         try:
@@ -93,14 +100,23 @@ async def _call(fn: Callable[[], sgl.UpdateResult]) -> sgl.UpdateResult:
     return fn()  # run inside _reply, so its ApiError becomes a reply
 
 
-async def _read_capped(raw: Request, limit: int) -> bytes:
-    declared = raw.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"tensor body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
+async def _read_capped(raw: Request, limit: int) -> bytearray:
+    """The body into one buffer (preallocated when Content-Length is given), at most `limit`."""
+    declared = raw.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else None
+    if size is not None and size > limit:
+        raise ApiError(413, f"tensor body of {size} bytes exceeds the limit of {limit}")
+    buf, n = bytearray(size or 0), 0
     async for chunk in raw.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"tensor body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if n + len(chunk) > (size if size is not None else limit):
+            raise ApiError(
+                413 if size is None else 400, "tensor body is longer than declared or allowed"
+            )
+        if size is None:
+            buf += chunk
+        else:
+            buf[n : n + len(chunk)] = chunk
+        n += len(chunk)
+    if size is not None and n != size:
+        raise ApiError(400, f"tensor body ended after {n} of {size} declared bytes")
+    return buf

@@ -54,31 +54,32 @@ class WeightServing:
 
     # ---------------------------------------------------------------- updates
     async def _apply(self, source: str, tensors: Mapping[str, torch.Tensor], selector: str,
-                     version: str | None, *, flush: bool, t0: float, from_disk: bool = False) -> str:  # fmt: skip
-        """Check, then swap. Runs under `self.lock`."""
+                     version: str | None, *, flush: bool, t0: float, message: str,
+                     from_disk: bool = False) -> sgl.UpdateResult:  # fmt: skip
+        """Check, then swap. Runs under `self.lock`; `t0` is when receiving started."""
+        t1 = time.perf_counter()
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         try:
             spec = self._spec(selector)
             if from_disk:
                 tensors, _ = select_known(tensors, spec)
             ready = await asyncio.to_thread(check_update, tensors, spec)
+            t2 = time.perf_counter()
             label = await self.engine.update_weights(
                 ready, selector=selector, weight_version=version
             )
         except WeightUpdateError as exc:
             self.metrics.observe_weight_sync(source, time.perf_counter() - t0, size, ok=False)
             raise _failure(f"weights not updated ({source}): {exc}") from exc
+        t3 = time.perf_counter()
         if flush:
             await self.engine.flush_cache()
-        self.metrics.observe_weight_sync(source, time.perf_counter() - t0, size, ok=True)
-        logger.info(
-            "weights updated from %s (%d tensors, %.1f MB) -> %s",
-            source,
-            len(ready),
-            size / 1e6,
-            label,
-        )
-        return label
+        total = time.perf_counter() - t0
+        self.metrics.observe_weight_sync(source, total, size, ok=True)
+        logger.info("weights updated from %s: %d tensors, %.1f MB in %.3f s -> %s",
+                    source, len(ready), size / 1e6, total, label)  # fmt: skip
+        timings = {"receive_s": t1 - t0, "check_s": t2 - t1, "swap_s": t3 - t2, "total_s": total}
+        return _ok(message, label, timings={k: round(v, 4) for k, v in timings.items()})
 
     def _spec(self, selector: str) -> dict:
         """The engine's parameters for `selector`, plus the names trainers send for tied ones."""
@@ -103,20 +104,22 @@ class WeightServing:
             except WeightUpdateError as exc:
                 self.metrics.observe_weight_sync("disk", 0.0, 0, ok=False)
                 raise _failure(f"weights not updated (disk): {exc}") from exc
-            label = await self._apply("disk", tensors, req.selector, req.weight_version,
-                                      flush=req.flush_cache, t0=t0, from_disk=True)  # fmt: skip
-        return _ok(f"Succeeded to update model weights from {req.model_path}.", label)
+            return await self._apply("disk", tensors, req.selector, req.weight_version,
+                                     flush=req.flush_cache, t0=t0, from_disk=True,
+                                     message=f"Succeeded to update model weights from {req.model_path}.")  # fmt: skip
 
-    async def from_tensor_bytes(self, data: bytes, selector: str, version: str | None,
-                                *, flush: bool = True, abort_all: bool = False) -> sgl.UpdateResult:  # fmt: skip
-        """Body = one safetensors file (the streamed /update_weights_from_tensor form)."""
-        t0 = time.perf_counter()
+    async def from_tensor_bytes(self, data: bytes | bytearray, selector: str, version: str | None, *,
+                                flush: bool = True, abort_all: bool = False,
+                                t0: float | None = None) -> sgl.UpdateResult:  # fmt: skip
+        """Body = one safetensors file (the streamed /update_weights_from_tensor form);
+        `t0`: when reading the body started."""
+        t0 = time.perf_counter() if t0 is None else t0
         tensors = await self._decode(data)
         async with self.lock:
             if abort_all:
                 await self.engine.abort_all()
-            label = await self._apply("tensor", tensors, selector, version, flush=flush, t0=t0)
-        return _ok("Succeeded to update model weights.", label)
+            return await self._apply("tensor", tensors, selector, version, flush=flush, t0=t0,
+                                     message="Succeeded to update model weights.")  # fmt: skip
 
     async def from_tensor_json(self, req: sgl.UpdateWeightsFromTensorRequest) -> sgl.UpdateResult:
         """SGLang's JSON form, but every entry must be base64 safetensors (no pickle)."""
@@ -135,11 +138,11 @@ class WeightServing:
         async with self.lock:
             if req.abort_all_requests:
                 await self.engine.abort_all()
-            label = await self._apply("tensor", tensors, req.selector, req.weight_version,
-                                      flush=req.flush_cache, t0=t0)  # fmt: skip
-        return _ok("Succeeded to update model weights.", label)
+            return await self._apply("tensor", tensors, req.selector, req.weight_version,
+                                     flush=req.flush_cache, t0=t0,
+                                     message="Succeeded to update model weights.")  # fmt: skip
 
-    async def _decode(self, data: bytes, where: str = "") -> dict[str, torch.Tensor]:
+    async def _decode(self, data: bytes | bytearray, where: str = "") -> dict[str, torch.Tensor]:
         try:
             return await asyncio.to_thread(load_safetensors_bytes, data)
         except WeightUpdateError as exc:
@@ -168,9 +171,9 @@ class WeightServing:
             except Exception as exc:
                 self.metrics.observe_weight_sync("distributed", 0.0, 0, ok=False)
                 raise _failure(f"weights not updated (distributed): receive failed: {exc}") from exc
-            label = await self._apply("distributed", tensors, req.selector, req.weight_version,
-                                      flush=req.flush_cache, t0=t0)  # fmt: skip
-        return _ok("Succeeded to update parameter online.", label)
+            return await self._apply("distributed", tensors, req.selector, req.weight_version,
+                                     flush=req.flush_cache, t0=t0,
+                                     message="Succeeded to update parameter online.")  # fmt: skip
 
     def _announce(self, req: sgl.UpdateWeightsFromDistributedRequest) -> list[torch.dtype]:
         """Check what the trainer announced is receivable at all (before any broadcast)."""

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import safetensors.torch
+import safetensors.torch  # reading checkpoint files from disk
 import torch
 
 from bebop_spec.errors import WeightUpdateError
@@ -31,14 +31,80 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_safetensors_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    """A safetensors file held in memory -> tensors (WeightUpdateError if malformed)."""
-    if len(data) < 8:
-        raise WeightUpdateError("body is not a safetensors file (shorter than its 8-byte header)")
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound
+
+
+def load_safetensors_bytes(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """A safetensors file held in memory -> tensors (WeightUpdateError if malformed).
+
+    A bytearray is decoded without copying (tensors are views of it); the format is
+    8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {...}}, then the data. Everything in
+    the header is checked against the buffer before any tensor is made."""
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    if len(buf) < 8:
+        raise WeightUpdateError("not a safetensors file (shorter than its 8-byte header)")
+    n = int.from_bytes(buf[:8], "little")
+    if not 2 <= n <= min(MAX_HEADER_BYTES, len(buf) - 8):
+        raise WeightUpdateError(f"malformed safetensors data: header length {n} does not fit")
     try:
-        return safetensors.torch.load(bytes(data))
-    except Exception as exc:  # the rust decoder raises SafetensorError / others
-        raise WeightUpdateError(f"malformed safetensors data: {exc}") from exc
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WeightUpdateError(f"malformed safetensors data: header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise WeightUpdateError("malformed safetensors data: header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, size = 8 + n, len(buf) - 8 - n
+    out, spans = {}, []
+    for name, info in header.items():
+        dtype, shape, (b, e) = _entry(name, info, size)
+        spans.append((b, e, name))
+        out[name] = _view(buf, start + b, start + e, dtype).reshape(shape)
+    spans.sort()
+    for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:], strict=False):
+        if b2 < e1:
+            raise WeightUpdateError(f"malformed safetensors data: {n1} and {n2} overlap")
+    return out
+
+
+def _view(buf: bytearray, b: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """buf[b:e] as a flat tensor: a view when aligned, else (never from safetensors) a copy."""
+    if e == b:
+        return torch.empty(0, dtype=dtype)
+    if b % dtype.itemsize:
+        return torch.frombuffer(bytearray(buf[b:e]), dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=(e - b) // dtype.itemsize, offset=b)
+
+
+def _nonneg_ints(xs: object, length: int | None = None) -> bool:
+    ok = isinstance(xs, list) and (length is None or len(xs) == length)
+    return ok and all(type(x) is int and x >= 0 for x in xs)  # type: ignore[union-attr]
+
+
+def _entry(
+    name: str, info: object, size: int
+) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """One header entry -> (dtype, shape, (begin, end)), all checked against `size` bytes."""
+    bad = f"malformed safetensors data: entry {name!r}"
+    if not isinstance(info, dict):
+        raise WeightUpdateError(bad)
+    dtype = _ST_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if dtype is None:
+        raise WeightUpdateError(f"{bad}: unsupported dtype {info.get('dtype')!r}")
+    if not _nonneg_ints(shape) or not _nonneg_ints(offsets, 2):
+        raise WeightUpdateError(f"{bad}: shape / data_offsets must be non-negative integers")
+    b, e = offsets
+    if not b <= e <= size or e - b != nbytes(shape, dtype):
+        raise WeightUpdateError(
+            f"{bad}: data_offsets {offsets} do not match shape {shape} in {size} bytes"
+        )
+    return dtype, tuple(shape), (b, e)
 
 
 def load_safetensors_dir(
@@ -109,6 +175,15 @@ def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return numel * dtype.itemsize
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff no NaN/Inf in t. Fast path: a float32 sum is finite only if every element is
+    (NaN and Inf propagate through addition); only a non-finite sum, which a huge but finite
+    tensor could also produce, pays for the elementwise check."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_update(tensors: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
     """Validate every tensor against `spec` (name -> (shape, dtype)) and cast float dtypes
     to the serving dtype. Raises WeightUpdateError listing the problems; returns the
@@ -129,7 +204,7 @@ def check_update(tensors: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, t
             problems.append(f"{name}: dtype {t.dtype} cannot replace {dtype}")
             continue
         t = t.to(dtype) if t.dtype != dtype else t
-        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        if t.dtype.is_floating_point and not all_finite(t):
             problems.append(f"{name}: holds non-finite values")
             continue
         ready[name] = t
