@@ -9,7 +9,8 @@ touched). The trainer is rank 0 and hosts the store; server ranks start at `rank
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -64,3 +65,33 @@ def destroy(pg: Any) -> None:
     import torch.distributed as dist
 
     dist.destroy_process_group(pg)
+
+
+class Concurrent:
+    """Run fn(url) for each url on its own thread (the HTTP side of a collective); collect
+    results and errors."""
+
+    def __init__(self, fn: Callable[[str], Any], urls: Sequence[str]) -> None:
+        self.results: dict[str, Any] = {}
+        self.errors: dict[str, Exception] = {}
+
+        def run(u: str) -> None:
+            try:
+                self.results[u] = fn(u)
+            except Exception as exc:
+                self.errors[u] = exc
+
+        self.threads = [threading.Thread(target=run, args=(u,), daemon=True) for u in urls]
+        for t in self.threads:
+            t.start()
+
+    def failed_early(self) -> bool:
+        return bool(self.errors)
+
+    def done(self) -> bool:
+        return not any(t.is_alive() for t in self.threads)
+
+    def wait(self) -> dict[str, Exception]:
+        for t in self.threads:
+            t.join()
+        return self.errors

@@ -229,7 +229,7 @@ class WeightSync:
                       "rank_offset": 1 + i * ranks_per_server, "world_size": world,
                       "group_name": group_name, "backend": backend}
                   for i, u in enumerate(urls)}  # fmt: skip
-        posts = _Concurrent(lambda u: self._post(u, "/init_weights_update_group", bodies[u]), urls)
+        posts = D.Concurrent(lambda u: self._post(u, "/init_weights_update_group", bodies[u]), urls)
         deadline = time.monotonic() + timeout_s
         while not posts.done() or thread.is_alive():
             if posts.failed_early():  # a server refused: the rendezvous would wait for it
@@ -266,7 +266,9 @@ class WeightSync:
 
     def _bucket(self, group: _Group, body: dict, part: StateDict, flattened: bool) -> dict:
         urls = self.client.urls
-        posts = _Concurrent(lambda u: self._post(u, "/update_weights_from_distributed", body), urls)
+        posts = D.Concurrent(
+            lambda u: self._post(u, "/update_weights_from_distributed", body), urls
+        )
         works = D.start_broadcasts(group.pg, [D.to_torch(x, group.device) for x in part.values()],
                                    flattened)  # fmt: skip
         grace: float | None = None
@@ -312,32 +314,3 @@ class WeightSync:
         if fn is None:
             raise ValueError(f"method must be disk, tensor or distributed, got {method!r}")
         return fn(tensors, **kwargs)
-
-
-class _Concurrent:
-    """Run fn(url) for each url on its own thread; collect results and errors."""
-
-    def __init__(self, fn, urls: Sequence[str]) -> None:
-        self.results: dict[str, Any] = {}
-        self.errors: dict[str, Exception] = {}
-
-        def run(u: str) -> None:
-            try:
-                self.results[u] = fn(u)
-            except Exception as exc:
-                self.errors[u] = exc
-
-        self.threads = [threading.Thread(target=run, args=(u,), daemon=True) for u in urls]
-        for t in self.threads:
-            t.start()
-
-    def failed_early(self) -> bool:
-        return bool(self.errors)
-
-    def done(self) -> bool:
-        return not any(t.is_alive() for t in self.threads)
-
-    def wait(self) -> dict[str, Exception]:
-        for t in self.threads:
-            t.join()
-        return self.errors
