@@ -18,7 +18,7 @@ import httpx
 from bebop_client.base import ClientBase, Params, json_of
 from bebop_client.metrics import Metrics, parse_metrics
 from bebop_client.sample import Sample, parse_sample
-from bebop_client.transport import Attempts
+from bebop_client.transport import MAYBE_RUNNING, Attempts
 
 
 class AsyncRolloutClient(ClientBase):
@@ -104,7 +104,7 @@ class AsyncRolloutClient(ClientBase):
                     resp = await self._http.post(url + "/generate", json=body, headers=self.headers,
                                                  timeout=self._timeout(timeout))  # fmt: skip
                 except httpx.HTTPError as exc:
-                    if isinstance(exc, httpx.TimeoutException):
+                    if isinstance(exc, MAYBE_RUNNING):  # the server may still be generating it
                         await self._abort_quietly(url, sent)
                     await asyncio.sleep(attempts.failed(url, exc))
                     continue

@@ -22,7 +22,7 @@ import httpx
 from bebop_client.base import ClientBase, Params, json_of
 from bebop_client.metrics import Metrics, parse_metrics
 from bebop_client.sample import Sample, parse_sample
-from bebop_client.transport import Attempts
+from bebop_client.transport import MAYBE_RUNNING, Attempts
 
 
 class RolloutClient(ClientBase):
@@ -120,7 +120,7 @@ class RolloutClient(ClientBase):
                 resp = self._http.post(url + "/generate", json=body, headers=self.headers,
                                        timeout=self._timeout(timeout))  # fmt: skip
             except httpx.HTTPError as exc:
-                if isinstance(exc, httpx.TimeoutException):
+                if isinstance(exc, MAYBE_RUNNING):  # the server may still be generating it
                     self._abort_quietly(url, sent)
                 time.sleep(attempts.failed(url, exc))
                 continue

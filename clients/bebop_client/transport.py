@@ -35,6 +35,8 @@ from bebop_client.errors import (
 
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)  # request never reached a server
 DROPPED_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)  # may have
+# A try that failed this way may have left its request running on the server (abort it).
+MAYBE_RUNNING = (httpx.ReadTimeout, httpx.WriteTimeout, *DROPPED_ERRORS)
 
 
 @dataclass(frozen=True)
