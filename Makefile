@@ -11,7 +11,7 @@ install:
 
 install-dev:
 	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" -e ./clients
 
 serve: install
 	bebop serve
