@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from bebop_spec.errors import EngineOverloaded, InvalidRequest
@@ -27,6 +27,7 @@ from server.metrics import ServerMetrics
 from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
 from server.serving.common import (
     SSE_DONE,
+    FastJSONResponse,
     PromptChecker,
     SSEResponse,
     TokenText,
@@ -202,7 +203,7 @@ class GenerateServing:
         outs = [d for i, f in enumerate(finals) for d in fmt.outputs(i, f)]
         for d in outs:
             del d["_index"]
-        return JSONResponse(outs[0] if single else outs)
+        return FastJSONResponse(outs[0] if single else outs)
 
     async def _stream_of(self, it: _Item, arrival: float) -> AsyncIterator[RequestOutput]:
         if it.params is None:  # max_new_tokens == 0: a finished, empty completion
@@ -219,7 +220,7 @@ class GenerateServing:
         finally:
             self.active.discard(it.rid)
 
-    async def _events(self, fmt: _Formatter, streams: list, indexed: bool) -> AsyncIterator[str]:
+    async def _events(self, fmt: _Formatter, streams: list, indexed: bool) -> AsyncIterator[bytes]:
         try:
             async for i, out in merge_streams(streams):
                 for d in fmt.outputs(i, out):

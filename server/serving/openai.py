@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from bebop_spec.errors import EngineOverloaded, InvalidRequest
@@ -25,6 +25,7 @@ from server.metrics import ServerMetrics
 from server.protocol import openai as oai
 from server.serving.common import (
     SSE_DONE,
+    FastJSONResponse,
     PromptChecker,
     SSEResponse,
     TokenText,
@@ -195,7 +196,7 @@ class OpenAIServing:
         if req.stream:
             return SSEResponse(self._stream(fmt, streams))
         finals = await cancel_on_disconnect(raw, self._collect(streams))
-        return JSONResponse(fmt.full_response(finals).model_dump(exclude_none=True))
+        return FastJSONResponse(fmt.full_response(finals).model_dump(exclude_none=True))
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.config.retry_after_s)}
@@ -206,7 +207,7 @@ class OpenAIServing:
 
         return list(await asyncio.gather(*(last_item(s) for s in streams)))
 
-    async def _stream(self, fmt: ChoiceFormatter, streams) -> AsyncIterator[str]:
+    async def _stream(self, fmt: ChoiceFormatter, streams) -> AsyncIterator[bytes]:
         finals: dict[int, RequestOutput] = {}
         try:
             first = fmt.first_chunk()
