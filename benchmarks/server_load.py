@@ -4,7 +4,7 @@
     python benchmarks/server_load.py --part load --concurrency 1,8,64 --model DIR
     python benchmarks/server_load.py --part weights --weight-params 100e6
 
-Part `load`: a concurrency sweep with an async HTTP client (streaming SGLang `/generate`, one
+Part `load`: a concurrency sweep with an async HTTP client (SGLang `/generate`, plain and streamed, one
 request per sample as RL frameworks send them) against `bebop serve` in its own process, and
 the same requests through an in-process `AsyncEngine`: tokens/s, TTFT and latency p50/p99,
 and the HTTP path's throughput relative to the in-process engine (target: >= 0.9 at 64).
@@ -77,20 +77,28 @@ def prompts(n: int, vocab: int, length: int) -> list[list[int]]:
     return torch.randint(0, vocab - 1, (n, length), generator=g).tolist()
 
 
-async def http_level(url: str, reqs: list[list[int]], conc: int, max_tokens: int) -> dict:
+async def http_level(
+    url: str, reqs: list[list[int]], conc: int, max_tokens: int, stream: bool
+) -> dict:
+    """`reqs` through POST /generate with at most `conc` in flight (streamed or not)."""
     sem, ttft, lat, toks = asyncio.Semaphore(conc), [], [], []
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    sp = {"max_new_tokens": max_tokens, "ignore_eos": True, "temperature": 1.0}
 
     async def one(c: httpx.AsyncClient, ids: list[int]) -> None:
-        body = {"input_ids": ids, "stream": True,
-                "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True, "temperature": 1.0}}  # fmt: skip
         async with sem:
-            t0, first, last = time.perf_counter(), None, None
+            t0 = time.perf_counter()
+            if not stream:
+                r = await c.post(f"{url}/generate", json={"input_ids": ids, "sampling_params": sp})
+                toks.append(len(r.json()["output_ids"]))
+                lat.append(time.perf_counter() - t0)
+                return
+            first, last = None, None
+            body = {"input_ids": ids, "sampling_params": sp, "stream": True}
             async with c.stream("POST", f"{url}/generate", json=body) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
-                        first = first or time.perf_counter()
-                        last = line
+                        first, last = first or time.perf_counter(), line
             lat.append(time.perf_counter() - t0)
             ttft.append(first - t0)
             toks.append(len(json.loads(last[6:])["output_ids"]))
@@ -138,33 +146,51 @@ def run_load(args, model: Path) -> list[dict]:
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     rows = []
 
-    async def in_process() -> list[dict]:
-        cfg = EngineConfig(model=str(model), mtp=str(mtp) if "--mtp" in engine_args else None,
-                           draft_mode=None if args.draft_mode == "none" else args.draft_mode,
-                           max_num_seqs=max(levels))  # fmt: skip
+    cfg = EngineConfig(model=str(model), mtp=str(mtp) if "--mtp" in engine_args else None,
+                       draft_mode=None if args.draft_mode == "none" else args.draft_mode,
+                       max_num_seqs=max(levels))  # fmt: skip
+
+    def best(runs: list[dict]) -> dict:
+        return max(runs, key=lambda r: r["tokens_per_s"])
+
+    async def sweep(url: str) -> None:
         engine = AsyncEngine(cfg)
         await engine.start()
         try:
-            out = []
             for c in levels:
                 reqs = prompts(max(args.min_requests, 2 * c), vocab, args.prompt_len)
-                out.append(await engine_level(engine, reqs, c, args.max_tokens))
-            return out
+                runs: dict[str, list[dict]] = {"engine": [], "http": [], "http_stream": []}
+                for _ in range(args.load_repeats):  # interleaved, best of: the machine is shared
+                    runs["engine"].append(await engine_level(engine, reqs, c, args.max_tokens))
+                    runs["http"].append(
+                        await http_level(url, reqs, c, args.max_tokens, stream=False)
+                    )
+                    runs["http_stream"].append(
+                        await http_level(url, reqs, c, args.max_tokens, stream=True)
+                    )
+                base, plain, streamed = (
+                    best(runs["engine"]),
+                    best(runs["http"]),
+                    best(runs["http_stream"]),
+                )
+                report(c, base, plain, streamed)
         finally:
             await engine.shutdown()
 
-    local = asyncio.run(in_process())
+    def report(c: int, base: dict, plain: dict, streamed: dict) -> None:
+        row = {"concurrency": c, "engine": base, "http": plain, "http_stream": streamed,
+               "http_vs_engine": plain["tokens_per_s"] / base["tokens_per_s"],
+               "http_stream_vs_engine": streamed["tokens_per_s"] / base["tokens_per_s"]}  # fmt: skip
+        rows.append(row)
+        print(f"c={c:4d}  tok/s engine {base['tokens_per_s']:6.0f}  http {plain['tokens_per_s']:6.0f} "
+              f"({row['http_vs_engine']:.2f})  http-stream {streamed['tokens_per_s']:6.0f} "
+              f"({row['http_stream_vs_engine']:.2f})  ttft p50/p99 engine {base['ttft_p50_ms']:.0f}/"
+              f"{base['ttft_p99_ms']:.0f} http {streamed['ttft_p50_ms']:.0f}/{streamed['ttft_p99_ms']:.0f} ms  "
+              f"latency p50/p99 engine {base['latency_p50_s']:.2f}/{base['latency_p99_s']:.2f} "
+              f"http {plain['latency_p50_s']:.2f}/{plain['latency_p99_s']:.2f} s", flush=True)  # fmt: skip
+
     with served(model, *engine_args) as url:
-        for c, base in zip(levels, local, strict=True):
-            reqs = prompts(max(args.min_requests, 2 * c), vocab, args.prompt_len)
-            h = asyncio.run(http_level(url, reqs, c, args.max_tokens))
-            h["engine_tokens_per_s"] = base["tokens_per_s"]
-            h["engine_ttft_p50_ms"] = base["ttft_p50_ms"]
-            h["http_vs_engine"] = h["tokens_per_s"] / base["tokens_per_s"]
-            rows.append(h)
-            print(f"c={c:4d}  http {h['tokens_per_s']:8.0f} tok/s  engine {base['tokens_per_s']:8.0f} tok/s  "
-                  f"ratio {h['http_vs_engine']:.2f}  ttft p50/p99 {h['ttft_p50_ms']:.0f}/{h['ttft_p99_ms']:.0f} ms  "
-                  f"latency p50/p99 {h['latency_p50_s']:.2f}/{h['latency_p99_s']:.2f} s", flush=True)  # fmt: skip
+        asyncio.run(sweep(url))
     return rows
 
 
@@ -208,22 +234,25 @@ def run_weights(args, root: Path) -> dict:
     res["memcpy_GB_per_s"] = memcpy_bandwidth(nbytes)
     print(f"  (this machine now: memcpy {res['memcpy_GB_per_s']:.2f} GB/s for context)", flush=True)
     with served(src, "--draft-mode", "none") as url, httpx.Client(base_url=url, timeout=600) as c:
+        last: dict = {}
 
-        def timed(label: str, fn) -> float:
-            best = min(_once(fn) for _ in range(args.repeats))
-            res[label] = {"seconds": best, "GB_per_s": nbytes / best / 1e9}
-            print(f"  {label:<28} {best:6.3f} s  {nbytes / best / 1e9:6.2f} GB/s", flush=True)
-            return best
-
-        def _once(fn) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
+        def timed(label: str, fn) -> None:
+            runs = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn()
+                runs.append((time.perf_counter() - t0, dict(last)))
+            wall, server = min(runs, key=lambda r: r[0])
+            recv = server.get("receive_s") or float("nan")
+            res[label] = {"seconds": wall, "GB_per_s": nbytes / wall / 1e9, "server": server,
+                          "transfer_GB_per_s": nbytes / recv / 1e9}  # fmt: skip
+            print(f"  {label:<22} {wall:6.3f} s  end-to-end {nbytes / wall / 1e9:5.2f} GB/s  "
+                  f"transfer {nbytes / recv / 1e9:5.2f} GB/s  (server: {server})", flush=True)  # fmt: skip
 
         def ok(r: httpx.Response) -> None:
             assert r.status_code == 200 and r.json()["success"], r.text[:500]
-            if "timings" in r.json():
-                print(f"    server: {r.json()['timings']}", flush=True)
+            last.clear()
+            last.update(r.json().get("timings") or {})
 
         timed(
             "disk", lambda: ok(c.post("/update_weights_from_disk", json={"model_path": str(new)}))
@@ -298,7 +327,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--draft-mode", default="rs", choices=["rs", "to", "none"])
     p.add_argument("--weight-params", type=float, default=100e6)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="weight-sync repeats (best of)")
+    p.add_argument("--load-repeats", type=int, default=2, help="load runs per level (best of)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(1)  # the client side; the server process sizes its own pool

@@ -14,8 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bebop_spec.errors import EngineOverloaded, InvalidRequest, WeightUpdateError
-
 logger = logging.getLogger("bebop.server")
 
 _TYPES = {
@@ -71,17 +69,6 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
-
-
-def from_engine_error(exc: Exception, retry_after_s: int = 1) -> ApiError:
-    """Map the engine's exception types to HTTP replies."""
-    if isinstance(exc, EngineOverloaded):
-        return ApiError(
-            503, str(exc) or "server overloaded", headers={"Retry-After": str(retry_after_s)}
-        )
-    if isinstance(exc, (InvalidRequest, WeightUpdateError)):
-        return ApiError(400, str(exc))
-    raise exc
 
 
 def _loc(err: dict) -> str:

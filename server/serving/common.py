@@ -14,7 +14,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, StreamingResponse
 
-from bebop_spec.engine.outputs import CompletionOutput, SpecStats
+from bebop_spec.engine.outputs import SpecStats
 from bebop_spec.sampling_params import SamplingParams
 from server.backends import ServingBackend
 from server.errors import ApiError, bad_request
@@ -103,10 +103,6 @@ def spec_info(spec: SpecStats) -> dict[str, Any]:
         "acceptance_rate": spec.acceptance_rate,
         "mean_accepted_length": spec.mean_accepted_length,
     }
-
-
-def finish_reason_of(out: CompletionOutput) -> str | None:
-    return out.finish_reason
 
 
 class TokenText:

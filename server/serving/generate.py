@@ -38,8 +38,8 @@ from server.serving.common import (
     reject_unsupported,
     sse,
     start_streams,
-    version_spans,
 )
+from server.serving.generate_format import GenerateFormatter
 
 
 @dataclass
@@ -194,7 +194,7 @@ class GenerateServing:
                            headers={"Retry-After": str(self.config.retry_after_s)}) from exc  # fmt: skip
         except InvalidRequest as exc:
             raise bad_request(str(exc)) from exc
-        fmt = _Formatter(
+        fmt = GenerateFormatter(
             self, items, req.return_text_in_logprobs, req.return_prompt_token_ids, arrival
         )
         if req.stream:
@@ -220,7 +220,9 @@ class GenerateServing:
         finally:
             self.active.discard(it.rid)
 
-    async def _events(self, fmt: _Formatter, streams: list, indexed: bool) -> AsyncIterator[bytes]:
+    async def _events(
+        self, fmt: GenerateFormatter, streams: list, indexed: bool
+    ) -> AsyncIterator[bytes]:
         try:
             async for i, out in merge_streams(streams):
                 for d in fmt.outputs(i, out):
@@ -236,88 +238,3 @@ class GenerateServing:
         wanted = [rid] if isinstance(rid, str) else list(rid or [])
         hits = [r for r in list(self.active) for w in wanted if w and (r == w or r.startswith(w))]
         return sum([await self.engine.abort(r) for r in set(hits)])
-
-
-class _Formatter:
-    """Engine outputs -> SGLang `{text, output_ids, meta_info}` dicts."""
-
-    def __init__(
-        self,
-        s: GenerateServing,
-        items: list[_Item],
-        logprob_text: bool,
-        prompt_ids: bool,
-        arrival: float,
-    ):
-        self.s, self.items, self.logprob_text, self.prompt_ids, self.arrival = (
-            s,
-            items,
-            logprob_text,
-            prompt_ids,
-            arrival,
-        )
-
-    def outputs(self, i: int, out: RequestOutput) -> list[dict[str, Any]]:
-        it = self.items[i]
-        n = len(out.outputs)
-        res = []
-        for o in out.outputs:
-            d = {"text": o.text, "output_ids": list(o.token_ids), "meta_info": self._meta(it, o, n)}
-            if self.prompt_ids:
-                d["prompt_token_ids"] = list(it.prompt)
-            d["_index"] = i * n + o.index
-            res.append(d)
-        return res
-
-    def _meta(self, it: _Item, o: CompletionOutput, n: int) -> dict[str, Any]:
-        engine = self.s.engine
-        spans = version_spans(o.weight_versions, engine.version_labels)
-        spec = o.spec
-        meta: dict[str, Any] = {
-            "id": it.rid if n == 1 else f"{it.rid}-{o.index}",
-            "finish_reason": _finish_reason(o),
-            "prompt_tokens": len(it.prompt),
-            "completion_tokens": len(o.token_ids),
-            "cached_tokens": 0,
-            "weight_version": spans[-1]["version"] if spans else engine.weight_version,
-            "weight_versions": spans,
-            "e2e_latency": time.perf_counter() - self.arrival,
-        }
-        if spec.num_drafts:
-            meta |= {
-                "spec_accept_rate": spec.acceptance_rate,
-                "spec_accept_length": len(o.token_ids) / spec.num_drafts,
-                "spec_verify_ct": spec.num_drafts,
-                "spec_num_correct_drafts": spec.num_accepted_tokens,
-                "spec_num_proposed_drafts": spec.num_draft_tokens,
-                "spec_accepted_per_pos": list(spec.accepted_per_pos),  # ext
-            }
-        if it.logprob:
-            meta["output_token_logprobs"] = [
-                [lp, t, self._text(t)] for lp, t in zip(o.logprobs or [], o.token_ids, strict=False)
-            ]
-        if it.top_logprobs:
-            meta["output_top_logprobs"] = [
-                [[lp, t, self._text(t)] for t, lp in sorted(top.items(), key=lambda kv: -kv[1])]
-                for top in (o.top_logprobs or [])
-            ]
-        return meta
-
-    def _text(self, token_id: int) -> str | None:
-        return self.s.token_text(token_id) if self.logprob_text else None
-
-
-def _finish_reason(o: CompletionOutput) -> dict[str, Any] | None:
-    if o.finish_reason is None:
-        return None
-    if o.finish_reason == "length":
-        return {"type": "length", "length": len(o.token_ids)}
-    if o.finish_reason == "abort":
-        return {
-            "type": "abort",
-            "message": "Abort before prefill" if not o.token_ids else "Abort in decode",
-        }
-    matched = (
-        o.stop_reason if o.stop_reason is not None else (o.token_ids[-1] if o.token_ids else None)
-    )
-    return {"type": "stop", "matched": matched}

@@ -1,0 +1,88 @@
+"""Engine outputs -> SGLang `/generate` replies: `{text, output_ids, meta_info}` per sample,
+with meta_info as SGLang 0.5.23 spells it (finish_reason, prompt/completion tokens,
+weight_version + per-token weight_versions spans, spec_* stats, output_token_logprobs)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
+from server.serving.common import version_spans
+
+if TYPE_CHECKING:
+    from server.serving.generate import GenerateServing, _Item
+
+
+class GenerateFormatter:
+    """Engine outputs -> SGLang `{text, output_ids, meta_info}` dicts."""
+
+    def __init__(self, s: GenerateServing, items: list[_Item], logprob_text: bool, prompt_ids: bool,
+                 arrival: float) -> None:  # fmt: skip
+        self.s, self.items, self.arrival = s, items, arrival
+        self.logprob_text, self.prompt_ids = logprob_text, prompt_ids
+
+    def outputs(self, i: int, out: RequestOutput) -> list[dict[str, Any]]:
+        it = self.items[i]
+        n = len(out.outputs)
+        res = []
+        for o in out.outputs:
+            d = {"text": o.text, "output_ids": list(o.token_ids), "meta_info": self._meta(it, o, n)}
+            if self.prompt_ids:
+                d["prompt_token_ids"] = list(it.prompt)
+            d["_index"] = i * n + o.index
+            res.append(d)
+        return res
+
+    def _meta(self, it: _Item, o: CompletionOutput, n: int) -> dict[str, Any]:
+        engine = self.s.engine
+        spans = version_spans(o.weight_versions, engine.version_labels)
+        spec = o.spec
+        meta: dict[str, Any] = {
+            "id": it.rid if n == 1 else f"{it.rid}-{o.index}",
+            "finish_reason": _finish_reason(o),
+            "prompt_tokens": len(it.prompt),
+            "completion_tokens": len(o.token_ids),
+            "cached_tokens": 0,
+            "weight_version": spans[-1]["version"] if spans else engine.weight_version,
+            "weight_versions": spans,
+            "e2e_latency": time.perf_counter() - self.arrival,
+        }
+        if spec.num_drafts:
+            meta |= {
+                "spec_accept_rate": spec.acceptance_rate,
+                "spec_accept_length": len(o.token_ids) / spec.num_drafts,
+                "spec_verify_ct": spec.num_drafts,
+                "spec_num_correct_drafts": spec.num_accepted_tokens,
+                "spec_num_proposed_drafts": spec.num_draft_tokens,
+                "spec_accepted_per_pos": list(spec.accepted_per_pos),  # ext
+            }
+        if it.logprob:
+            meta["output_token_logprobs"] = [
+                [lp, t, self._text(t)] for lp, t in zip(o.logprobs or [], o.token_ids, strict=False)
+            ]
+        if it.top_logprobs:
+            meta["output_top_logprobs"] = [
+                [[lp, t, self._text(t)] for t, lp in sorted(top.items(), key=lambda kv: -kv[1])]
+                for top in (o.top_logprobs or [])
+            ]
+        return meta
+
+    def _text(self, token_id: int) -> str | None:
+        return self.s.token_text(token_id) if self.logprob_text else None
+
+
+def _finish_reason(o: CompletionOutput) -> dict[str, Any] | None:
+    if o.finish_reason is None:
+        return None
+    if o.finish_reason == "length":
+        return {"type": "length", "length": len(o.token_ids)}
+    if o.finish_reason == "abort":
+        return {
+            "type": "abort",
+            "message": "Abort before prefill" if not o.token_ids else "Abort in decode",
+        }
+    matched = (
+        o.stop_reason if o.stop_reason is not None else (o.token_ids[-1] if o.token_ids else None)
+    )
+    return {"type": "stop", "matched": matched}
