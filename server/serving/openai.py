@@ -7,6 +7,7 @@ gone) closes the engine iterators, which aborts the requests.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -203,8 +204,6 @@ class OpenAIServing:
 
     @staticmethod
     async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-        import asyncio
-
         return list(await asyncio.gather(*(last_item(s) for s in streams)))
 
     async def _stream(self, fmt: ChoiceFormatter, streams) -> AsyncIterator[bytes]:
@@ -225,24 +224,15 @@ class OpenAIServing:
         yield SSE_DONE
 
     # ---------------------------------------------------------------- helpers
-    def weight_info(self, outputs: list[CompletionOutput]) -> dict[str, Any]:
-        labels = self.engine.version_labels
-        spans = [version_spans(o.weight_versions, labels) for o in outputs]
-        return {"weight_version": self.engine.weight_version, "weight_versions": spans}
+    def spans(self, o: CompletionOutput) -> list[oai.WeightVersionSpan]:
+        """Which weights produced which of this sample's tokens."""
+        return [
+            oai.WeightVersionSpan(**d)
+            for d in version_spans(o.weight_versions, self.engine.version_labels)
+        ]
 
     @staticmethod
     def spec(finals: list[RequestOutput]) -> oai.SpecStatsInfo:
-        from bebop_spec.engine.outputs import SpecStats
-
-        total = SpecStats()
-        for f in finals:
-            s = f.spec
-            total.num_drafts += s.num_drafts
-            total.num_draft_tokens += s.num_draft_tokens
-            total.num_accepted_tokens += s.num_accepted_tokens
-            pos = s.accepted_per_pos
-            acc = total.accepted_per_pos + [0] * max(0, len(pos) - len(total.accepted_per_pos))
-            total.accepted_per_pos = [
-                a + (pos[k] if k < len(pos) else 0) for k, a in enumerate(acc)
-            ]
-        return oai.SpecStatsInfo(**spec_info(total))
+        """Speculative counters summed over every sample of the reply."""
+        everything = RequestOutput("", [], [o for f in finals for o in f.outputs])
+        return oai.SpecStatsInfo(**spec_info(everything.spec))

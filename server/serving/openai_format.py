@@ -126,9 +126,7 @@ class ChoiceFormatter:
     ):
         spans = None
         if final:
-            spans = [
-                oai.WeightVersionSpan(**s) for s in self.s.weight_info([o])["weight_versions"][0]
-            ]
+            spans = self.s.spans(o)
         finish = o.finish_reason if final else None
         stop = o.stop_reason if final else None
         ids = o.token_ids[a:b] if self.req.return_token_ids else None
