@@ -1,0 +1,190 @@
+"""Fetch the pinned vLLM / SGLang sources, patch them, and build a CPU import venv.
+
+    python -m bebop_spec.integrations.engine_sources vllm      # ~1 min download, ~1 min venv
+    python -m bebop_spec.integrations.engine_sources sglang
+    pytest -m "vllm or sglang" tests/                          # then uses the cache
+
+Layout under the cache dir ($BEBOP_ENGINE_CACHE, default ~/.cache/bebop/engines):
+  wheels/                         the pinned wheels (`pip download --no-deps`)
+  <engine>-<version>/pristine/    the wheel's Python tree (compiled extensions left out)
+  <engine>-<version>/patched/     the same with `bebop patch` applied
+  venv-<engine>/                  --system-site-packages venv (this Python's torch) plus the
+                                  engine's light, pure-Python dependencies, installed with
+                                  --no-deps so torch is never replaced
+
+Nothing here installs vLLM or SGLang into an environment: the trees are only put on
+PYTHONPATH by the tests, which is enough to import their modules on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+from bebop_spec.patching import PINNED, run
+
+# Pure-Python (or self-contained) packages the patched modules import at load time,
+# found by importing them in a bare venv; torch, numpy, fastapi, pydantic, transformers'
+# own dependencies and prometheus_client come from the host environment.
+LIGHT_DEPS = {
+    "vllm": [
+        "transformers>=5.16.1,<5.21",
+        "aiohttp",
+        "aiosignal",
+        "aiohappyeyeballs",
+        "frozenlist",
+        "multidict",
+        "propcache",
+        "yarl",
+        "apache-tvm-ffi==0.1.11",
+        "blake3",
+        "cachetools",
+        "cbor2",
+        "einops",
+        "ijson",
+        "llguidance",
+        "msgspec",
+        "openai",
+        "openai-harmony",
+        "partial-json-parser",
+        "psutil",
+        "py-cpuinfo",
+        "pybase64",
+        "python-json-logger",
+        "pyzmq",
+        "regex",
+        "sentencepiece",
+        "setproctitle",
+        "tiktoken",
+        "xgrammar==0.2.8",
+        "cloudpickle",
+    ],
+    "sglang": [
+        "aiohttp",
+        "aiosignal",
+        "aiohappyeyeballs",
+        "frozenlist",
+        "multidict",
+        "propcache",
+        "yarl",
+        "apache-tvm-ffi==0.1.11",
+        "msgspec",
+        "orjson",
+        "psutil",
+        "pybase64",
+        "pyzmq",
+        "setproctitle",
+        "python-multipart",
+        "partial-json-parser",
+        "einops",
+        "llguidance",
+        "openai",
+        "openai-harmony",
+        "interegular",
+        "blobfile",
+        "sentencepiece",
+        "tiktoken",
+    ],
+}
+_BINARY_SUFFIXES = (".so", ".cubin", ".fatbin", ".a", ".bin", ".ptx")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BEBOP_ENGINE_CACHE", Path.home() / ".cache" / "bebop" / "engines"))
+
+
+def tree(engine: str, kind: str, base: Path | None = None) -> Path:
+    """<cache>/<engine>-<version>/<kind>, kind = pristine | patched."""
+    return (base or cache_dir()) / f"{engine}-{PINNED[engine]}" / kind
+
+
+def venv_python(engine: str, base: Path | None = None) -> Path:
+    return (base or cache_dir()) / f"venv-{engine}" / "bin" / "python"
+
+
+def download(engine: str, base: Path) -> Path:
+    wheels = base / "wheels"
+    pattern = f"{engine}-{PINNED[engine]}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        wheels.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                f"{engine}=={PINNED[engine]}",
+                "-d",
+                str(wheels),
+            ],
+            check=True,
+        )
+        found = sorted(wheels.glob(pattern))
+    return found[0]
+
+
+def extract(wheel: Path, dest: Path) -> None:
+    """The wheel's files minus compiled extensions, into dest (replaced)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            base = name.rsplit("/", 1)[-1]
+            if not any(base.endswith(s) or f"{s}." in base for s in _BINARY_SUFFIXES):
+                zf.extract(name, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def make_venv(engine: str, base: Path) -> Path:
+    py = venv_python(engine, base)
+    if not py.exists():
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(py.parent.parent)],
+            check=True,
+        )
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", *LIGHT_DEPS[engine]], check=True
+    )
+    return py
+
+
+def prepare(engine: str, base: Path | None = None, with_venv: bool = True) -> None:
+    base = base or cache_dir()
+    t0 = time.time()
+    wheel = download(engine, base)
+    pristine, patched = tree(engine, "pristine", base), tree(engine, "patched", base)
+    pristine.parent.mkdir(parents=True, exist_ok=True)
+    if not (pristine / engine / "__init__.py").exists():
+        extract(wheel, pristine)
+    shutil.rmtree(patched, ignore_errors=True)
+    shutil.copytree(pristine, patched)
+    rc = run(engine, check=False, revert=False, site_packages=str(patched), patches=None)
+    if rc:
+        raise SystemExit(f"patching {patched} failed (exit {rc})")
+    if with_venv:
+        make_venv(engine, base)
+    print(f"{engine}: ready under {pristine.parent} in {time.time() - t0:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("engines", nargs="+", choices=sorted(PINNED))
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--no-venv", action="store_true", help="only download, extract and patch")
+    args = ap.parse_args(argv)
+    for engine in args.engines:
+        prepare(engine, args.cache_dir, with_venv=not args.no_venv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

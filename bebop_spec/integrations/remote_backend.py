@@ -1,0 +1,210 @@
+"""What the vLLM and SGLang serving backends share: bookkeeping around a remote engine.
+
+A remote engine (vLLM's AsyncLLM, SGLang's Engine) owns scheduling and weights in its
+own processes; the server still needs the `ServingBackend` surface of the embedded
+engine (server/backends.py): version counter and labels, running / waiting counts,
+spec totals, per-step observers, and the names / shapes / dtypes a trainer must send
+(`weight_spec`), which are read from the checkpoint's safetensors headers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+SELECTORS = ("target", "draft", "all")
+# copies of the target's embedding / LM head that exported head directories carry
+SHARED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of one .safetensors file, from its JSON header only."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {
+        name: (tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]])
+        for name, meta in header.items()
+        if name != "__metadata__"
+    }
+
+
+def checkpoint_spec(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        spec.update(safetensors_header(f))
+    return spec
+
+
+def is_draft_name(name: str, num_hidden_layers: int) -> bool:
+    """MTP tensors in either layout: `mtp.*` or DeepSeek-style `model.layers.{>= N}.*`."""
+    if name.startswith("mtp."):
+        return True
+    parts = name.split(".")
+    return (
+        len(parts) > 2
+        and parts[:2] == ["model", "layers"]
+        and parts[2].isdigit()
+        and (int(parts[2]) >= num_hidden_layers)
+    )
+
+
+def weight_spec_of(
+    model_dir: str | Path, mtp_dir: str | Path | None, num_hidden_layers: int, selector: str
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Tensors a trainer sends for `selector`, in checkpoint (Hugging Face) names."""
+    if selector not in SELECTORS:
+        raise ValueError(f"selector={selector!r}: expected one of {SELECTORS}")
+    target = checkpoint_spec(model_dir)
+    draft = {k: v for k, v in target.items() if is_draft_name(k, num_hidden_layers)}
+    target = {k: v for k, v in target.items() if k not in draft}
+    if mtp_dir is not None:
+        draft = {k: v for k, v in checkpoint_spec(mtp_dir).items() if k not in SHARED_NAMES}
+    return {"target": target, "draft": draft, "all": {**target, **draft}}[selector]
+
+
+def read_model_config(model_dir: str | Path) -> Any:
+    """bebop's ModelConfig of the target, or the raw config.json as attributes."""
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    try:
+        from bebop_spec.models.config import ModelConfig
+
+        return ModelConfig.from_hf(hf)
+    except (ValueError, KeyError, TypeError):  # a family the embedded engine does not run
+        from types import SimpleNamespace
+
+        eos = hf.get("eos_token_id")
+        fields = {
+            **hf,
+            "eos_token_ids": [] if eos is None else (eos if isinstance(eos, list) else [eos]),
+            "max_position_embeddings": hf.get("max_position_embeddings", 32768),
+        }
+        return SimpleNamespace(**fields)
+
+
+class RemoteBackend:
+    """Shared state of a backend whose engine runs elsewhere (see module docstring)."""
+
+    backend_name = "remote"
+
+    def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
+        self.config = config
+        self.model_config = read_model_config(config.model)
+        self._tokenizer = tokenizer
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.version = 0
+        self.version_labels: dict[int, str] = {0: "0"}
+        self.spec_totals = SpecStats()
+        self.paused = False
+        self._observers: list[Callable[[StepStats], None]] = []
+        self._waiting: set[str] = set()
+        self._running: set[str] = set()
+
+    # ------------------------------------------------------------------ ServingBackend surface
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+            except (OSError, ValueError):
+                return None
+        return self._tokenizer
+
+    @property
+    def weight_version(self) -> str:
+        return self.version_labels[self.version]
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add_observer(self, fn: Callable[[StepStats], None]) -> None:
+        self._observers.append(fn)
+
+    def weight_spec(self, selector: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return weight_spec_of(
+            self.config.model, self.config.mtp, self.model_config.num_hidden_layers, selector
+        )
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _check_selector(self, selector: str) -> None:
+        if selector not in SELECTORS:
+            raise ValueError(f"selector={selector!r}: expected one of {SELECTORS}")
+        if selector != "target" and not self.config.speculative:
+            raise ValueError(f"selector={selector!r} needs speculative decoding (an MTP head)")
+
+    def _bump_version(self, label: str | None) -> str:
+        self.version += 1
+        self.version_labels[self.version] = label or str(self.version)
+        return self.weight_version
+
+    def _version_of(self, label: str | None) -> int:
+        """Our counter for an engine-reported label (the current one when unknown)."""
+        for v, lab in self.version_labels.items():
+            if lab == label:
+                return v
+        return self.version
+
+    def _track(self, request_id: str, started: bool, finished: bool) -> None:
+        if finished:
+            self._waiting.discard(request_id)
+            self._running.discard(request_id)
+        elif started:
+            self._waiting.discard(request_id)
+            self._running.add(request_id)
+        else:
+            self._waiting.add(request_id)
+
+    def _observe(self, new_tokens: int, spec: SpecStats | None) -> None:
+        """One StepStats per output increment (remote engines do not expose their steps)."""
+        if spec is not None:
+            self._add_spec(spec)
+        if not self._observers:
+            return
+        stats = StepStats(
+            draft_mode=self.config.draft_mode or "none",
+            num_generated_tokens=new_tokens,
+            num_drafts=spec.num_drafts if spec else 0,
+            num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            accepted_per_pos=list(spec.accepted_per_pos) if spec else [],
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+        )
+        for fn in self._observers:
+            fn(stats)
+
+    def _add_spec(self, spec: SpecStats) -> None:
+        t = self.spec_totals
+        t.num_drafts += spec.num_drafts
+        t.num_draft_tokens += spec.num_draft_tokens
+        t.num_accepted_tokens += spec.num_accepted_tokens
+        if len(t.accepted_per_pos) < len(spec.accepted_per_pos):
+            t.accepted_per_pos += [0] * (len(spec.accepted_per_pos) - len(t.accepted_per_pos))
+        for i, n in enumerate(spec.accepted_per_pos):
+            t.accepted_per_pos[i] += n
+
+
+def new_tokens(prev: RequestOutput | None, cur: RequestOutput) -> int:
+    before = sum(len(o.token_ids) for o in prev.outputs) if prev else 0
+    return sum(len(o.token_ids) for o in cur.outputs) - before

@@ -1,0 +1,319 @@
+"""`bebop serve --backend vllm`: the server's engine surface over vLLM's `AsyncLLM`.
+
+vLLM is imported when the backend starts, never at module import. Mapping:
+
+    generate(ids, params, rid)      AsyncLLM.generate({"prompt_token_ids": ids}, SamplingParams(...,
+                                    output_kind=CUMULATIVE), rid)
+    abort / abort_all               AsyncLLM.abort(ids)
+    pause(abort | retract | in_place)  pause_generation(mode="abort" | "keep" | "keep")
+    resume                          resume_generation()
+    update_weights(t, selector, v)  native weight transfer (IPC backend, same node):
+                                    start_weight_update / start_draft_weight_update,
+                                    update_weights(IPC handles), finish_weight_update(v),
+                                    bracketed by pause(keep) / resume so no step mixes versions
+    flush_cache                     reset_prefix_cache()
+
+Engine defaults Bebop needs (override with `engine_args`): MTP speculation with
+`draft_sample_method="probabilistic"` for draft_mode "rs" ("greedy" for "to"),
+`logprobs_mode="processed_logprobs"` (logprobs under the processed p, like the embedded
+engine), per-request spec metrics ("summary"), `weight_transfer_config={"backend": "ipc"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import torch
+
+from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
+from bebop_spec.integrations.remote_backend import RemoteBackend, new_tokens
+from bebop_spec.integrations.vllm_plugin import check_speculative_config
+from bebop_spec.sampling_params import SamplingParams
+
+PAUSE_MODES = {"abort": "abort", "retract": "keep", "in_place": "keep"}
+
+
+def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """AsyncEngineArgs keywords for an EngineConfig (extra wins; $BEBOP_ENGINE_ARGS is JSON)."""
+    args: dict[str, Any] = {
+        "model": config.model,
+        "dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[config.dtype],
+        "seed": config.seed,
+        "max_num_seqs": config.max_num_seqs,
+        "logprobs_mode": "processed_logprobs",
+        "per_request_spec_decode_metrics": "summary",
+        "weight_transfer_config": {"backend": "ipc"},
+    }
+    if config.max_model_len:
+        args["max_model_len"] = config.max_model_len
+    if config.speculative:
+        spec = {
+            "method": "mtp",
+            "num_speculative_tokens": config.num_speculative_tokens,
+            "draft_sample_method": "probabilistic" if config.draft_mode == "rs" else "greedy",
+        }
+        if config.mtp:
+            spec["model"] = config.mtp
+        args["speculative_config"] = spec
+    env = os.environ.get("BEBOP_ENGINE_ARGS")
+    return {**args, **(json.loads(env) if env else {}), **dict(extra or {})}
+
+
+def sampling_params_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """vllm.SamplingParams keywords for ours (cumulative outputs are set by the caller)."""
+    return {
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.effective_top_k,  # vLLM: 0 disables
+        "min_p": params.min_p,
+        "seed": params.seed,
+        "stop": list(params.stop) or None,
+        "stop_token_ids": list(params.stop_token_ids) or None,
+        "ignore_eos": params.ignore_eos,
+        "max_tokens": params.max_tokens,
+        "logprobs": params.logprobs,
+        "include_stop_str_in_output": params.include_stop_str_in_output,
+    }
+
+
+def spec_from_metrics(metrics: Any) -> SpecStats | None:
+    """SpecStats of one sequence from vLLM's RequestSpecDecodeMetrics (histogram over j accepted)."""
+    if metrics is None or not getattr(metrics, "histogram", None):
+        return None
+    hist = list(metrics.histogram)
+    spec = SpecStats(
+        num_drafts=sum(hist),
+        num_draft_tokens=int(metrics.num_draft_tokens),
+        num_accepted_tokens=sum(j * n for j, n in enumerate(hist)),
+    )
+    spec.accepted_per_pos = [
+        sum(hist[j] for j in range(i + 1, len(hist))) for i in range(len(hist) - 1)
+    ]
+    return spec
+
+
+def _logprobs(
+    token_ids: list[int], entries: Any, want_top: int | None
+) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+    if entries is None:
+        return None, None
+    sampled = [
+        float(e[t].logprob) if t in e else float("nan")
+        for t, e in zip(token_ids, entries, strict=True)
+    ]
+    if not want_top:
+        return sampled, None
+    top = [
+        dict(
+            sorted(((tid, float(lp.logprob)) for tid, lp in e.items()), key=lambda kv: -kv[1])[
+                :want_top
+            ]
+        )
+        for e in entries
+    ]
+    return sampled, top
+
+
+def convert_output(
+    out: Any, params: SamplingParams, versions: dict[int, list[int]], current: int, label_to_version
+) -> RequestOutput:
+    """vLLM RequestOutput -> ours. `versions` holds the per-sample version list between calls."""
+    completions = []
+    for c in out.outputs:
+        ids = list(c.token_ids)
+        vs = versions.setdefault(c.index, [])
+        vs += [current] * (len(ids) - len(vs))  # tokens that arrived since the last output
+        for span in getattr(c, "weight_versions", None) or []:  # final output: exact spans
+            v = label_to_version(span.version)
+            vs[span.start : span.end] = [v] * (min(span.end, len(vs)) - span.start)
+        lps, top = _logprobs(ids, c.logprobs, params.logprobs)
+        completions.append(
+            CompletionOutput(
+                index=c.index,
+                token_ids=ids,
+                text=c.text or "",
+                logprobs=lps,
+                top_logprobs=top,
+                weight_versions=list(vs),
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                spec=spec_from_metrics(getattr(c, "spec_decode_metrics", None)) or SpecStats(),
+            )
+        )
+    return RequestOutput(
+        request_id=out.request_id,
+        prompt_token_ids=list(out.prompt_token_ids or []),
+        outputs=completions,
+        prompt=getattr(out, "prompt", None),
+    )
+
+
+class VLLMBackend(RemoteBackend):
+    """ServingBackend over vllm.v1.engine.async_llm.AsyncLLM (see module docstring)."""
+
+    backend_name = "vllm"
+
+    def __init__(self, config: EngineConfig, engine_args_override: Mapping[str, Any] | None = None,
+                 engine: Any = None) -> None:  # fmt: skip
+        super().__init__(config)
+        self.engine_args = engine_args(config, engine_args_override)
+        self.warnings = check_speculative_config(self.engine_args.get("speculative_config"))
+        self._engine = engine  # injectable (tests); otherwise built in start()
+
+    @property
+    def tokenizer(self) -> Any:
+        tok = getattr(self._engine, "tokenizer", None)
+        return tok if tok is not None else super().tokenizer
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        # IPC handles of weight updates travel to the engine core pickled (vLLM's own IPC
+        # path, local sockets only); vLLM refuses them without this flag.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info={}))
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+
+    def _vllm_params(self, params: SamplingParams) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VSamplingParams(
+            **sampling_params_kwargs(params), output_kind=RequestOutputKind.CUMULATIVE
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs; closing the iterator early aborts the request in vLLM."""
+        await self.start()
+        versions: dict[int, list[int]] = {}
+        prev: RequestOutput | None = None
+        self._track(request_id, started=False, finished=False)
+        stream = self._engine.generate(
+            {"prompt_token_ids": list(prompt_token_ids)}, self._vllm_params(params), request_id
+        )
+        try:
+            async for out in stream:
+                cur = convert_output(out, params, versions, self.version, self._version_of)
+                self._track(request_id, started=True, finished=cur.finished)
+                spec = cur.spec if cur.finished else None
+                self._observe(new_tokens(prev, cur), spec if spec and spec.num_drafts else None)
+                prev = cur
+                yield cur
+        finally:
+            self._track(request_id, started=True, finished=True)
+            if prev is None or not prev.finished:
+                await self._engine.abort(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        known = request_id in self._running or request_id in self._waiting
+        await self._engine.abort(request_id)
+        return known
+
+    async def abort_all(self) -> int:
+        ids = sorted(self._running | self._waiting)
+        if ids:
+            await self._engine.abort(ids)
+        return len(ids)
+
+    async def pause(self, mode: str) -> None:
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {mode!r} must be one of {', '.join(PAUSE_MODES)}")
+        await self._engine.pause_generation(mode=PAUSE_MODES[mode], clear_cache=mode == "abort")
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self._engine.resume_generation()
+        self.paused = False
+
+    async def flush_cache(self) -> int:
+        await self._engine.reset_prefix_cache()
+        return 0
+
+    async def update_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        selector: str = "target",
+        weight_version: str | None = None,
+    ) -> str:
+        """Send the tensors through vLLM's weight transfer; the version moves only on success."""
+        self._check_selector(selector)
+        draft_names = set(self.weight_spec("draft")) if selector != "target" else set()
+        groups = {
+            "target": {k: v for k, v in tensors.items() if k not in draft_names},
+            "draft": {k: v for k, v in tensors.items() if k in draft_names},
+        }
+        if selector != "all" and groups["target" if selector == "draft" else "draft"]:
+            raise ValueError(
+                f"tensors outside selector={selector!r}: {sorted(groups['target' if selector == 'draft' else 'draft'])[:3]}"
+            )
+        label = weight_version or str(self.version + 1)
+        was_paused = self.paused
+        if not was_paused:
+            await self._engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            for which in ("target", "draft"):
+                if groups[which]:
+                    await self._send(groups[which], draft=which == "draft", label=label)
+            await self._engine.reset_prefix_cache()  # cached K/V came from the old weights
+        finally:
+            if not was_paused:
+                await self._engine.resume_generation()
+        return self._bump_version(label)
+
+    async def _send(self, tensors: Mapping[str, torch.Tensor], draft: bool, label: str) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        update_info, keep_alive = ipc_update_info(tensors)
+        await (
+            self._engine.start_draft_weight_update()
+            if draft
+            else self._engine.start_weight_update()
+        )
+        await self._engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        await self._engine.finish_weight_update(weight_version=label)
+        del keep_alive  # the engine has copied the weights; the IPC source may go
+
+
+def ipc_update_info(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """vLLM IPC update_info (unpacked) for same-node CUDA tensors, and the tensors to keep alive."""
+    import base64
+    import pickle
+
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("vLLM weight updates from the server use CUDA IPC: a GPU is required")
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    names, dtypes, shapes, handles, keep = [], [], [], [], []
+    for name, t in tensors.items():
+        w = t.detach().to("cuda", non_blocking=True).contiguous()
+        keep.append(w)
+        names.append(name)
+        dtypes.append(str(w.dtype).split(".")[-1])
+        shapes.append(list(w.shape))
+        handles.append({uuid: reduce_tensor(w)[1]})
+    torch.cuda.synchronize()
+    pickled = base64.b64encode(pickle.dumps(handles)).decode()
+    return {
+        "names": names,
+        "dtype_names": dtypes,
+        "shapes": shapes,
+        "ipc_handles_pickled": pickled,
+    }, keep
