@@ -1,4 +1,8 @@
-"""A real (tiny) asynchronous RL loop: GRPO against a Bebop rollout server.
+"""A minimal asynchronous RL loop: GRPO against a Bebop rollout server, in one screen.
+
+The full example is `grpo.py` next to this file (demo math task with a verifiable reward,
+gloo weight pushes, staleness bound, online MTP-head updates, JSONL logs and plots); this
+one keeps the bare loop and shares its loss and advantages (`grpo_trainer`).
 
     pip install ./clients        # or PYTHONPATH=clients:. from the repository root
     python clients/examples/async_rl_loop.py              # starts a local server on a tiny model
@@ -18,11 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bebop_client import AsyncRolloutClient, Sample, WeightSync
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_trainer import group_advantages, grpo_loss  # noqa: E402
 
 
 def args_parser() -> argparse.ArgumentParser:
@@ -55,17 +64,15 @@ def train_step(policy, opt, groups: list[list[Sample]], args) -> dict:
     logprobs the server returned (per token)."""
     losses, drift = [], 0.0
     for group in groups:
-        r = torch.tensor([reward(s, args.target_token) for s in group])
-        adv = (r - r.mean()) / (r.std() + 1e-6)
-        for s, a in zip(group, adv, strict=True):
+        advantages = group_advantages([reward(s, args.target_token) for s in group])
+        for s, a in zip(group, advantages, strict=True):
             ids = torch.tensor([s.prompt_ids + s.token_ids])
             logits = policy(ids).logits[0, len(s.prompt_ids) - 1 : -1].float()
             new = torch.log_softmax(logits, -1).gather(-1, ids[0, len(s.prompt_ids) :, None])[:, 0]
             old = torch.tensor(s.logprobs)
             drift = max(drift, float((new.detach() - old).abs().max()))
-            ratio = torch.exp(new - old)
-            clipped = torch.clamp(ratio, 1 - args.clip, 1 + args.clip)
-            losses.append(-torch.min(ratio * a, clipped * a).mean())
+            ones = torch.ones_like(old)
+            losses.append(grpo_loss(new, old, a * ones, ones, args.clip) / old.numel())
     loss = torch.stack(losses).mean()
     opt.zero_grad()
     loss.backward()
