@@ -287,3 +287,81 @@ def test_model_runner_output_carries_entropy_stats():
 
     out = ModelRunnerOutput(req_ids=[], req_id_to_index={}, bebop_entropy_stats=[[1.0]])
     assert out.bebop_entropy_stats == [[1.0]]
+
+
+def test_backend_builds_real_vllm_sampling_params():
+    """Our SamplingParams -> vllm.SamplingParams accepts every field we map."""
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from bebop_spec.integrations import vllm_backend
+    from bebop_spec.sampling_params import SamplingParams
+
+    ours = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, max_tokens=4,
+                          stop=["x"], stop_token_ids=[3], logprobs=2, seed=1)  # fmt: skip
+    sp = VSamplingParams(
+        **vllm_backend.sampling_params_kwargs(ours), output_kind=RequestOutputKind.CUMULATIVE
+    )
+    assert (sp.top_k, sp.top_p, sp.min_p, sp.max_tokens, sp.logprobs, sp.seed) == (
+        20,
+        0.9,
+        0.05,
+        4,
+        2,
+        1,
+    )
+    assert sp.stop == ["x"] and sp.stop_token_ids == [3]
+    greedy = VSamplingParams(
+        **vllm_backend.sampling_params_kwargs(SamplingParams(temperature=0.0, top_k=-1))
+    )
+    assert greedy.top_k in (0, -1)
+
+
+def test_backend_converts_real_vllm_outputs():
+    """vllm.outputs.RequestOutput (FlatLogprobs, weight spans, spec metrics) -> ours."""
+    from vllm.logprobs import Logprob, create_sample_logprobs
+    from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    from bebop_spec.integrations import vllm_backend
+    from bebop_spec.sampling_params import SamplingParams
+
+    lps = create_sample_logprobs(True)
+    for tid, lp in ((7, -0.5), (8, -0.25)):
+        lps.append({tid: Logprob(logprob=lp, rank=1), 99: Logprob(logprob=-3.0, rank=2)})
+    metrics = RequestSpecDecodeMetrics(num_spec_tokens=2, histogram=[0, 1, 0], num_draft_tokens=2)
+    c = CompletionOutput(index=0, text="ab", token_ids=[7, 8], cumulative_logprob=None, logprobs=lps,
+                         finish_reason="stop", stop_reason=8, spec_decode_metrics=metrics,
+                         weight_versions=[WeightVersionSpan("v0", 0, 1), WeightVersionSpan("v1", 1, 2)])  # fmt: skip
+    out = RequestOutput("r", None, [1, 2], None, [c], finished=True)
+    labels = {"v0": 0, "v1": 1}
+    got = vllm_backend.convert_output(out, SamplingParams(logprobs=1), {}, 1, labels.get)
+    o = got.outputs[0]
+    assert got.finished and o.token_ids == [7, 8] and o.logprobs == [-0.5, -0.25]
+    assert o.top_logprobs == [{7: -0.5}, {8: -0.25}] and o.weight_versions == [0, 1]
+    assert (o.spec.num_drafts, o.spec.num_accepted_tokens, o.spec.accepted_per_pos) == (
+        1,
+        1,
+        [1, 0],
+    )
+
+
+PATCHED_MODULES = [
+    "vllm.v1.spec_decode.bebop",
+    "vllm.v1.spec_decode.llm_base_proposer",
+    "vllm.v1.worker.gpu.spec_decode.speculator",
+    "vllm.v1.worker.gpu.model_runner",
+    "vllm.v1.sample.rejection_sampler",
+    "vllm.v1.worker.gpu.spec_decode.rejection_sampler",
+    "vllm.v1.outputs",
+    "vllm.v1.worker.gpu_model_runner",
+    "vllm.v1.core.sched.scheduler",
+    "vllm.v1.spec_decode.metrics",
+]
+
+
+@pytest.mark.parametrize("name", PATCHED_MODULES)
+def test_patched_module_imports_on_cpu(name):
+    import importlib
+
+    importlib.import_module(name)

@@ -32,66 +32,23 @@ from bebop_spec.patching import PINNED, run
 # Pure-Python (or self-contained) packages the patched modules import at load time,
 # found by importing them in a bare venv; torch, numpy, fastapi, pydantic, transformers'
 # own dependencies and prometheus_client come from the host environment.
+_COMMON = "aiohttp aiosignal aiohappyeyeballs frozenlist multidict propcache yarl msgspec psutil"
 LIGHT_DEPS = {
-    "vllm": [
-        "transformers>=5.16.1,<5.21",
-        "aiohttp",
-        "aiosignal",
-        "aiohappyeyeballs",
-        "frozenlist",
-        "multidict",
-        "propcache",
-        "yarl",
-        "apache-tvm-ffi==0.1.11",
-        "blake3",
-        "cachetools",
-        "cbor2",
-        "einops",
-        "ijson",
-        "llguidance",
-        "msgspec",
-        "openai",
-        "openai-harmony",
-        "partial-json-parser",
-        "psutil",
-        "py-cpuinfo",
-        "pybase64",
-        "python-json-logger",
-        "pyzmq",
-        "regex",
-        "sentencepiece",
-        "setproctitle",
-        "tiktoken",
-        "xgrammar==0.2.8",
-        "cloudpickle",
-    ],
-    "sglang": [
-        "aiohttp",
-        "aiosignal",
-        "aiohappyeyeballs",
-        "frozenlist",
-        "multidict",
-        "propcache",
-        "yarl",
-        "apache-tvm-ffi==0.1.11",
-        "msgspec",
-        "orjson",
-        "psutil",
-        "pybase64",
-        "pyzmq",
-        "setproctitle",
-        "python-multipart",
-        "partial-json-parser",
-        "einops",
-        "llguidance",
-        "openai",
-        "openai-harmony",
-        "interegular",
-        "blobfile",
-        "sentencepiece",
-        "tiktoken",
-    ],
+    "vllm": (
+        f"{_COMMON} apache-tvm-ffi==0.1.11 blake3 cachetools cbor2 einops ijson llguidance "
+        "openai openai-harmony partial-json-parser py-cpuinfo pybase64 python-json-logger "
+        "pyzmq regex sentencepiece setproctitle tiktoken xgrammar==0.2.8 cloudpickle"
+    ).split()
+    + ["transformers>=5.16.1,<5.21"],
+    "sglang": (
+        f"{_COMMON} apache-tvm-ffi==0.1.11 orjson pybase64 pyzmq setproctitle python-multipart "
+        "partial-json-parser einops llguidance openai openai-harmony interegular blobfile "
+        "sentencepiece tiktoken dill compressed-tensors loguru gguf triton"
+    ).split(),
 }
+# SGLang's module graph imports torchvision, whose PyPI wheels need a CUDA torch; with a
+# CPU-only torch the tests use this inert stand-in (import-time attributes only).
+TORCHVISION_SHIM = Path(__file__).with_name("torchvision_shim.py")
 _BINARY_SUFFIXES = (".so", ".cubin", ".fatbin", ".a", ".bin", ".ptx")
 
 
@@ -154,7 +111,22 @@ def make_venv(engine: str, base: Path) -> Path:
     subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", *LIGHT_DEPS[engine]], check=True
     )
+    if engine == "sglang" and _cpu_only_torch():
+        shim = shim_dir(base) / "torchvision"
+        shim.mkdir(parents=True, exist_ok=True)
+        (shim / "__init__.py").write_text(TORCHVISION_SHIM.read_text())
     return py
+
+
+def shim_dir(base: Path | None = None) -> Path:
+    """Goes on PYTHONPATH after the engine tree when the SGLang tests import it on CPU."""
+    return (base or cache_dir()) / "shims"
+
+
+def _cpu_only_torch() -> bool:
+    import torch
+
+    return torch.version.cuda is None
 
 
 def prepare(engine: str, base: Path | None = None, with_venv: bool = True) -> None:
