@@ -128,8 +128,11 @@ def test_malformed_update_changes_nothing(http, models, case):
 
 def test_tensor_push_draft_only_and_json_form(http, models):
     """selector=draft replaces only the MTP head (greedy output unchanged, version moves);
-    SGLang's JSON form with base64 safetensors updates the target."""
+    SGLang's JSON form with base64 safetensors updates the target; both inside optional
+    begin/end_weight_update brackets (SGLang 0.5.23)."""
     before = greedy(http)["output_ids"]
+    assert http.post("/end_weight_update", json={}).status_code == 400  # no session open
+    assert http.post("/begin_weight_update", json={"selector": "all"}).json()["success"]
     head = safetensors.torch.load_file(str(models[2] / "mtp" / "model.safetensors"))
     r = http.post("/update_weights_from_tensor?selector=draft&weight_version=draft-1",
                   content=safetensors.torch.save(head), headers={"content-type": "application/octet-stream"})  # fmt: skip
@@ -139,6 +142,7 @@ def test_tensor_push_draft_only_and_json_form(http, models):
     r = http.post("/update_weights_from_tensor", json={"serialized_named_tensors": [blob], "selector": "target",
                                                        "weight_version": "json-1"})  # fmt: skip
     assert r.json()["success"], r.text
+    assert http.post("/end_weight_update", json={}).json()["success"]
     assert greedy(http)["output_ids"] == offline_greedy(models[2], models[2] / "mtp")
 
 
