@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def pct(xs: list[float], q: float) -> float:
 
 @contextmanager
 def served(model: Path, *args: str):
-    """`bebop serve` in a subprocess on a free port; yields its URL."""
+    """`bebop serve` in a subprocess on a free port; yields (URL, pid)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "--model", str(model), "--port", str(port),
                              "--log-level", "warning", *args], cwd=REPO)  # fmt: skip
@@ -65,10 +66,20 @@ def served(model: Path, *args: str):
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def cpu_seconds(pid: int | None = None, main_thread_only: bool = False) -> float:
+    """CPU time (user + system) of process `pid` (all threads, or just its main thread, which
+    runs the server's event loop), or of this whole process."""
+    if pid is None:
+        return time.process_time()
+    stat = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------ load sweep
@@ -78,7 +89,7 @@ def prompts(n: int, vocab: int, length: int) -> list[list[int]]:
 
 
 async def http_level(
-    url: str, reqs: list[list[int]], conc: int, max_tokens: int, stream: bool
+    url: str, pid: int, reqs: list[list[int]], conc: int, max_tokens: int, stream: bool
 ) -> dict:
     """`reqs` through POST /generate with at most `conc` in flight (streamed or not)."""
     sem, ttft, lat, toks = asyncio.Semaphore(conc), [], [], []
@@ -105,9 +116,13 @@ async def http_level(
 
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
+        cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, main_thread_only=True)
         await asyncio.gather(*(one(c, ids) for ids in reqs))
-        wall = time.perf_counter() - t0
-    return summarize(conc, wall, toks, ttft, lat)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+        loop = cpu_seconds(pid, main_thread_only=True) - loop0
+    return summarize(conc, wall, toks, ttft, lat, cpu) | {
+        "http_loop_cpu_share": loop / max(cpu, 1e-9)
+    }
 
 
 async def engine_level(engine, reqs: list[list[int]], conc: int, max_tokens: int) -> dict:
@@ -124,12 +139,17 @@ async def engine_level(engine, reqs: list[list[int]], conc: int, max_tokens: int
             toks.append(len(last.outputs[0].token_ids))
 
     t0 = time.perf_counter()
+    cpu0 = cpu_seconds()
     await asyncio.gather(*(one(i, ids) for i, ids in enumerate(reqs)))
-    return summarize(conc, time.perf_counter() - t0, toks, ttft, lat)
+    return summarize(conc, time.perf_counter() - t0, toks, ttft, lat, cpu_seconds() - cpu0)
 
 
-def summarize(conc: int, wall: float, toks: list[int], ttft: list[float], lat: list[float]) -> dict:
+def summarize(
+    conc: int, wall: float, toks: list[int], ttft: list[float], lat: list[float], cpu: float
+) -> dict:
+    """`cpu`: CPU seconds the serving process spent (robust to a shared machine, unlike wall)."""
     return {"concurrency": conc, "requests": len(toks), "tokens_per_s": sum(toks) / wall,
+            "cpu_ms_per_token": 1e3 * cpu / max(1, sum(toks)),
             "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
             "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99)}  # fmt: skip
 
@@ -153,7 +173,7 @@ def run_load(args, model: Path) -> list[dict]:
     def best(runs: list[dict]) -> dict:
         return max(runs, key=lambda r: r["tokens_per_s"])
 
-    async def sweep(url: str) -> None:
+    async def sweep(url: str, pid: int) -> None:
         engine = AsyncEngine(cfg)
         await engine.start()
         try:
@@ -163,34 +183,34 @@ def run_load(args, model: Path) -> list[dict]:
                 for _ in range(args.load_repeats):  # interleaved, best of: the machine is shared
                     runs["engine"].append(await engine_level(engine, reqs, c, args.max_tokens))
                     runs["http"].append(
-                        await http_level(url, reqs, c, args.max_tokens, stream=False)
+                        await http_level(url, pid, reqs, c, args.max_tokens, stream=False)
                     )
                     runs["http_stream"].append(
-                        await http_level(url, reqs, c, args.max_tokens, stream=True)
+                        await http_level(url, pid, reqs, c, args.max_tokens, stream=True)
                     )
-                base, plain, streamed = (
-                    best(runs["engine"]),
-                    best(runs["http"]),
-                    best(runs["http_stream"]),
-                )
-                report(c, base, plain, streamed)
+                report(c, runs)
         finally:
             await engine.shutdown()
 
-    def report(c: int, base: dict, plain: dict, streamed: dict) -> None:
+    def report(c: int, runs: dict[str, list[dict]]) -> None:
+        base, plain, streamed = (best(runs[k]) for k in ("engine", "http", "http_stream"))
+        cpu = {k: min(r["cpu_ms_per_token"] for r in v) for k, v in runs.items()}
         row = {"concurrency": c, "engine": base, "http": plain, "http_stream": streamed,
                "http_vs_engine": plain["tokens_per_s"] / base["tokens_per_s"],
-               "http_stream_vs_engine": streamed["tokens_per_s"] / base["tokens_per_s"]}  # fmt: skip
+               "http_stream_vs_engine": streamed["tokens_per_s"] / base["tokens_per_s"],
+               "cpu_ms_per_token": cpu, "http_cpu_overhead": cpu["http"] / cpu["engine"] - 1}  # fmt: skip
         rows.append(row)
         print(f"c={c:4d}  tok/s engine {base['tokens_per_s']:6.0f}  http {plain['tokens_per_s']:6.0f} "
               f"({row['http_vs_engine']:.2f})  http-stream {streamed['tokens_per_s']:6.0f} "
-              f"({row['http_stream_vs_engine']:.2f})  ttft p50/p99 engine {base['ttft_p50_ms']:.0f}/"
+              f"({row['http_stream_vs_engine']:.2f})  cpu ms/token engine {cpu['engine']:.2f} http "
+              f"{cpu['http']:.2f} stream {cpu['http_stream']:.2f} (event loop {100 * plain['http_loop_cpu_share']:.0f}%"
+              f"/{100 * streamed['http_loop_cpu_share']:.0f}% of it)  ttft p50/p99 engine {base['ttft_p50_ms']:.0f}/"
               f"{base['ttft_p99_ms']:.0f} http {streamed['ttft_p50_ms']:.0f}/{streamed['ttft_p99_ms']:.0f} ms  "
               f"latency p50/p99 engine {base['latency_p50_s']:.2f}/{base['latency_p99_s']:.2f} "
               f"http {plain['latency_p50_s']:.2f}/{plain['latency_p99_s']:.2f} s", flush=True)  # fmt: skip
 
-    with served(model, *engine_args) as url:
-        asyncio.run(sweep(url))
+    with served(model, *engine_args) as (url, pid):
+        asyncio.run(sweep(url, pid))
     return rows
 
 
@@ -233,7 +253,10 @@ def run_weights(args, root: Path) -> dict:
     print(f"weights: {nparams / 1e6:.1f}M parameters, {nbytes / 1e9:.2f} GB", flush=True)
     res["memcpy_GB_per_s"] = memcpy_bandwidth(nbytes)
     print(f"  (this machine now: memcpy {res['memcpy_GB_per_s']:.2f} GB/s for context)", flush=True)
-    with served(src, "--draft-mode", "none") as url, httpx.Client(base_url=url, timeout=600) as c:
+    with (
+        served(src, "--draft-mode", "none") as (url, _),
+        httpx.Client(base_url=url, timeout=600) as c,
+    ):
         last: dict = {}
 
         def timed(label: str, fn) -> None:
