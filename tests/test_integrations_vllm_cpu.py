@@ -13,14 +13,21 @@ Invariants guarded:
   (temperature, min-p, top-k/top-p through vLLM's own apply_top_k_top_p).
 - Sampled draft tokens never fall outside the processed support (2,000 draws per row).
 - Entropy/acceptance bookkeeping of both rejection samplers, and its Prometheus export.
+- Dense-target heads (patch 0003): an exported Bebop head's config maps to BebopDenseMTP,
+  the model builds on CPU, every checkpoint tensor of a `bebop_spec` head loads into it
+  (q/k/v and gate/up stacked) and its norms / fc / MLP compute what Bebop's head computes;
+  a target checkpoint with the head mixed in still loads into Qwen3ForCausalLM.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # CPU platform for layer construction
 
 torch = pytest.importorskip("torch")
 bebop = pytest.importorskip(
@@ -357,6 +364,12 @@ PATCHED_MODULES = [
     "vllm.v1.worker.gpu_model_runner",
     "vllm.v1.core.sched.scheduler",
     "vllm.v1.spec_decode.metrics",
+    "vllm.model_executor.models.bebop_mtp",
+    "vllm.config.speculative",
+    "vllm.model_executor.models.registry",
+    "vllm.transformers_utils.model_arch_config_convertor",
+    "vllm.model_executor.models.qwen2",
+    "vllm.model_executor.models.llama",
 ]
 
 
@@ -365,3 +378,110 @@ def test_patched_module_imports_on_cpu(name):
     import importlib
 
     importlib.import_module(name)
+
+
+def _dense_head_fixture():
+    from transformers import Qwen3Config
+
+    from bebop_spec.models.config import ModelConfig
+    from bebop_spec.models.mtp import MTPHead
+
+    hf = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              max_position_embeddings=128, rms_norm_eps=1e-6, architectures=["Qwen3ForCausalLM"])  # fmt: skip
+    cfg = ModelConfig.from_hf({**hf, "model_type": "qwen3"})
+    torch.manual_seed(5)
+    head = MTPHead(cfg, "qwen3_next", 1)
+    for prm in head.parameters():
+        prm.data.normal_(0, 0.2)
+    vcfg = Qwen3Config(**hf)
+    vcfg.mtp_num_hidden_layers = 1
+    return head, vcfg
+
+
+def _build_dense_mtp(hf_config):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.model_executor.models.bebop_mtp import BebopDenseMTP
+
+    class _ModelConfig(types.SimpleNamespace):
+        def __getattr__(self, name):  # the few fields layers read; the rest are "unset"
+            return None
+
+    vc = VllmConfig()
+    with set_current_vllm_config(vc):
+        if not model_parallel_is_initialized():
+            init_distributed_environment(1, 0, "tcp://127.0.0.1:29533", 0, backend="gloo")
+            ensure_model_parallel_initialized(1, 1)
+    mc = _ModelConfig(hf_config=hf_config, dtype=torch.float32, is_mm_prefix_lm=False)
+    mc.get_sliding_window = lambda: None
+    object.__setattr__(vc, "model_config", mc)
+    with set_current_vllm_config(vc):
+        return BebopDenseMTP(vllm_config=vc, prefix=""), vc
+
+
+def test_dense_head_config_maps_to_bebop_mtp():
+    from typing import get_args
+
+    from vllm.config.speculative import MTPModelTypes, SpeculativeConfig
+
+    _, vcfg = _dense_head_fixture()
+    out = SpeculativeConfig.hf_config_override(vcfg)
+    assert (out.model_type, out.architectures, out.n_predict) == (
+        "bebop_dense_mtp",
+        ["BebopDenseMTP"],
+        1,
+    )
+    assert out.bebop_target_model_type == "qwen3" and "bebop_dense_mtp" in get_args(MTPModelTypes)
+    from vllm.model_executor.models.registry import _SPECULATIVE_DECODING_MODELS
+
+    assert _SPECULATIVE_DECODING_MODELS["BebopDenseMTP"] == ("bebop_mtp", "BebopDenseMTP")
+
+
+def test_dense_head_loads_every_tensor_and_matches_bebop():
+    from vllm.config import set_current_vllm_config
+    from vllm.config.speculative import SpeculativeConfig
+
+    head, vcfg = _dense_head_fixture()
+    model, vc = _build_dense_mtp(SpeculativeConfig.hf_config_override(vcfg))
+    ckpt = dict(head.state_dict())
+    ckpt = {k: v for k, v in ckpt.items() if k.startswith("mtp.")}
+    ckpt["model.embed_tokens.weight"] = torch.randn(64, 32)
+    ckpt["lm_head.weight"] = torch.randn(64, 32)
+    ckpt["model.layers.0.mlp.up_proj.weight"] = torch.randn(48, 32)  # a target tensor: ignored
+    with set_current_vllm_config(vc):
+        loaded = model.load_weights(ckpt.items())
+    assert loaded == {n for n, _ in model.named_parameters()}, "every parameter comes from the head"
+    enorm, hnorm, fc, layer, norm = head.parts(0)
+    x = torch.randn(5, 32)
+    with torch.no_grad(), set_current_vllm_config(vc):
+        m = model.model
+        torch.testing.assert_close(m.pre_fc_norm_embedding.forward_native(x), enorm(x))
+        torch.testing.assert_close(m.pre_fc_norm_hidden.forward_native(x), hnorm(x))
+        torch.testing.assert_close(m.norm.forward_native(x), norm(x))  # zero-centred (1 + w)
+        lin = (
+            torch.nn.functional.linear
+        )  # the loaded weights (vLLM's CPU GEMM needs post-load setup)
+        xx = torch.cat([x, x], -1)
+        torch.testing.assert_close(lin(xx, m.fc.weight), fc(xx))
+        mlp = m.layers[0].mlp
+        g, u = lin(x, mlp.gate_up_proj.weight).chunk(2, dim=-1)
+        got_mlp = lin(torch.nn.functional.silu(g) * u, mlp.down_proj.weight)
+        torch.testing.assert_close(got_mlp, layer.mlp(x))
+        attn = m.layers[0].self_attn
+        q, k, v = lin(x, attn.qkv_proj.weight).split([32, 16, 16], dim=-1)
+        torch.testing.assert_close(q, layer.self_attn.q_proj(x))
+        torch.testing.assert_close(k, layer.self_attn.k_proj(x))
+        torch.testing.assert_close(v, layer.self_attn.v_proj(x))
+        torch.testing.assert_close(attn.q_norm.weight, layer.self_attn.q_norm.weight)
+
+
+def test_dense_target_ignores_mixed_in_head():
+    """`bebop mtp export --into-target`: Qwen3ForCausalLM.load_weights skips mtp.* tensors."""
+    from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    target = torch.nn.Module()
+    target.lm_head = torch.nn.Linear(4, 4, bias=False)
+    weights = [("lm_head.weight", torch.ones(4, 4)), ("mtp.fc.weight", torch.ones(4, 8))]
+    assert Qwen3ForCausalLM.load_weights(target, weights) == {"lm_head.weight"}
