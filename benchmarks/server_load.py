@@ -356,7 +356,6 @@ def main() -> None:
     p.add_argument("--load-repeats", type=int, default=2, help="load runs per level (best of)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
-    torch.set_num_threads(1)  # the client side; the server process sizes its own pool
     results: dict = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -29,8 +29,6 @@ def reject_unsupported(fields: dict[str, tuple[Any, Any]]) -> None:
     for name, (value, default) in fields.items():
         if value is None or value == default or (value == {} and default is None):
             continue
-        if isinstance(default, float) and isinstance(value, (int, float)) and value == default:
-            continue
         raise bad_request(UNSUPPORTED_MSG.format(name=name, default=default), param=name)
 
 

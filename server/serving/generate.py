@@ -83,25 +83,28 @@ class GenerateServing:
                 "n must be the same for every prompt of a batch", param="sampling_params.n"
             )
         rids = self._rids(req.rid, b)
-        logprob = self._per_prompt(req.return_logprob, b, "return_logprob") or [False] * b
-        tops = self._per_prompt(req.top_logprobs_num, b, "top_logprobs_num") or [0] * b
+        items = [
+            _Item(rid, p, self._params(sp, len(p), lp, top), lp, top)
+            for rid, p, sp, (lp, top) in zip(
+                rids, prompts, sps, self._logprob_options(req, b), strict=True
+            )
+        ]
+        return items, single and (sps[0].n or 1) == 1
+
+    def _logprob_options(self, req: GenerateRequest, b: int) -> list[tuple[bool, int]]:
+        """(return_logprob, top_logprobs_num) per prompt."""
         for lsl in self._per_prompt(req.logprob_start_len, b, "logprob_start_len") or []:
             if lsl not in (None, -1):
-                raise bad_request(
-                    "prompt logprobs (logprob_start_len >= 0) are not supported",
-                    "logprob_start_len",
-                )
-        items = []
-        for rid, p, sp, lp, top in zip(rids, prompts, sps, logprob, tops, strict=True):
-            top = top or 0
-            if not 0 <= top <= self.config.max_logprobs:
-                raise bad_request(
-                    f"top_logprobs_num must be in [0, {self.config.max_logprobs}]",
-                    "top_logprobs_num",
-                )
-            items.append(_Item(rid, p, self._params(sp, len(p), bool(lp), top), bool(lp), top))
-        n = sps[0].n or 1
-        return items, single and n == 1
+                raise bad_request("prompt logprobs (logprob_start_len >= 0) are not supported",
+                                  "logprob_start_len")  # fmt: skip
+        logprob = self._per_prompt(req.return_logprob, b, "return_logprob") or [False] * b
+        tops = [
+            t or 0 for t in self._per_prompt(req.top_logprobs_num, b, "top_logprobs_num") or [0] * b
+        ]
+        if not all(0 <= t <= self.config.max_logprobs for t in tops):
+            raise bad_request(f"top_logprobs_num must be in [0, {self.config.max_logprobs}]",
+                              "top_logprobs_num")  # fmt: skip
+        return [(bool(lp), t) for lp, t in zip(logprob, tops, strict=True)]
 
     def _prompts(self, req: GenerateRequest, single: bool) -> list[list[int]]:
         if req.input_ids is not None:
