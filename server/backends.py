@@ -55,6 +55,8 @@ class ServingBackend(Protocol):
 
 BACKENDS: dict[str, str] = {
     "embedded": "bebop_spec.engine.async_engine:AsyncEngine",
+    "vllm": "bebop_spec.integrations.vllm_backend:VLLMBackend",  # needs vllm (+ a GPU)
+    "sglang": "bebop_spec.integrations.sglang_backend:SGLangBackend",  # needs sglang (+ a GPU)
 }
 
 

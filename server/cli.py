@@ -94,7 +94,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     log.info("loading %s (backend %s, draft mode %s)", engine_config.model, args.backend,
              engine_config.draft_mode or "none")  # fmt: skip
-    engine = create_backend(args.backend, engine_config)
+    try:
+        engine = create_backend(args.backend, engine_config)
+    except ImportError as exc:
+        log.error("backend %r is not available here: %s", args.backend, exc)
+        return 2
     app = build_app(engine, server_config)
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=args.log_level,
