@@ -48,6 +48,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     a("--weights-root", default=None, help="update_weights_from_disk paths must lie under this")
     a("--graceful-shutdown-s", type=float, default=10.0)
+    a("--timeout-keep-alive", type=int, default=75,
+      help="idle keep-alive seconds; longer than clients' own (aiohttp 15 s, httpx 5 s) so the "
+      "server never closes a connection a client is about to reuse")  # fmt: skip
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -103,6 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=args.log_level,
         timeout_graceful_shutdown=args.graceful_shutdown_s, access_log=args.log_level == "debug",
+        timeout_keep_alive=args.timeout_keep_alive,
     )  # fmt: skip
     uvicorn.Server(config).run()  # handles SIGTERM / SIGINT: drain, lifespan shutdown, exit
     return 0

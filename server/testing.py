@@ -30,7 +30,7 @@ class ServerThread:
     ):
         self.host, self.port = host, port or free_port(host)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=5, ws="none")  # fmt: skip
+                                timeout_graceful_shutdown=5, ws="none", timeout_keep_alive=75)  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.timeout_s = timeout_s

@@ -115,3 +115,31 @@ def test_client_errors_are_openai_errors(client):
         client.chat.completions.create(model="tiny", messages=[], max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+
+
+def test_stop_string_truncates(client):
+    """A stop string ends the completion right before its first occurrence (same seed, same
+    tokens up to there), with finish_reason stop."""
+    kw = dict(model="tiny", prompt="Hello", max_tokens=24, seed=11, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kw).choices[0].text
+    stop = next((text[i : i + 2] for i in range(2, len(text) - 2) if text[i : i + 2].strip()), None)
+    if stop is None:
+        pytest.skip("sampled text too short for a stop string")
+    r = client.completions.create(stop=[stop], **kw).choices[0]
+    assert r.text == text[: text.find(stop)] and r.finish_reason == "stop"
+
+
+def test_generate_with_text_and_logprob_text(server):
+    """SGLang /generate with `text` on a tokenizer model: text out, and logprob triples carry
+    token text when return_text_in_logprobs is set."""
+    import httpx
+
+    body = {"text": "Hello world", "return_logprob": True, "return_text_in_logprobs": True,
+            "sampling_params": {"max_new_tokens": 6, "ignore_eos": True, "temperature": 0}}  # fmt: skip
+    out = httpx.post(f"{server[0].url}/generate", json=body, timeout=60).json()
+    triples = out["meta_info"]["output_token_logprobs"]
+    assert [t for _, t, _ in triples] == out["output_ids"] and len(out["output_ids"]) == 6
+    assert all(
+        isinstance(text, str) for *_, text in triples
+    )  # per-token decode (may be partial UTF-8)
+    assert out["text"]

@@ -187,3 +187,30 @@ def test_pause_in_place_holds_and_continue_resumes(server, http):
     t0 = time.monotonic()
     out = asyncio.run(run())
     assert len(out["output_ids"]) == 5 and time.monotonic() - t0 >= 0.3
+
+
+@pytest.mark.parametrize("mode", ["abort", "retract"])
+def test_pause_abort_and_retract(server, http, mode):
+    """pause(abort) ends in-flight requests with finish_reason abort; pause(retract) keeps
+    them queued and, after continue, they complete all their tokens."""
+    srv, state = server
+
+    async def run() -> dict:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            body = {"input_ids": [1, 2, 3], "rid": f"p-{mode}",
+                    "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}  # fmt: skip
+            task = asyncio.create_task(c.post("/generate", json=body))
+            while f"p-{mode}" not in state.generate.active:
+                await asyncio.sleep(0.005)
+            assert (await c.post("/pause_generation", json={"mode": mode})).status_code == 200
+            if mode == "retract":
+                await asyncio.sleep(0.2)
+                assert not task.done()
+            await c.post("/continue_generation", json={})
+            return (await task).json()
+
+    out = asyncio.run(run())
+    if mode == "abort":
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    else:
+        assert len(out["output_ids"]) == 300

@@ -197,18 +197,18 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
+        with contextlib.suppress(Exception):  # a broken receive channel counts as gone
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
 
     watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # also when this handler itself is cancelled (server shutdown)
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let the aborts run
     if task.cancelled():
         raise ApiError(499, "client disconnected")
     return task.result()
