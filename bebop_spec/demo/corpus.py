@@ -57,11 +57,11 @@ class Example:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    math_train: int = 8000
+    math_train: int = 10000
     math_heldout: int = 500
-    agent_train: int = 1400
+    agent_train: int = 1000
     agent_heldout: int = 300
-    code_train_chars: int = 1_200_000
+    code_train_chars: int = 850_000
     code_heldout_chars: int = 150_000
     code_max_chars: int = 1500  # longest function (prompt + body) kept
 

@@ -10,7 +10,7 @@ triple, share equally). The solution shows one equation per step and ends with `
     She gives 3 to Leo: 12 - 3 = 9.
     #### 9
 
-Difficulty grows with the number of steps and the size of the numbers (up to 9, 20 or 50), so
+Difficulty grows with the number of steps and the size of the numbers (up to 5, 10 or 20), so
 a small model gets the one-step single-digit problems right and most four-step ones wrong.
 """
 
@@ -32,7 +32,10 @@ ITEMS = [
     "beads", "buttons", "rocks", "oranges",
 ]  # fmt: skip
 CONTAINERS = ["bags", "boxes", "packs", "jars", "baskets", "rows"]
-NUMBER_CAPS = (9, 20, 50)  # difficulty levels: the largest number a problem starts from
+# Difficulty levels: the largest number a problem starts from (and adds / takes away).
+# Kept small: a 4M-parameter target memorises frequent arithmetic facts but does not learn
+# the carry algorithm in a few minutes, so the number of distinct facts bounds accuracy.
+NUMBER_CAPS = (5, 10, 20)
 ANSWER_RE = re.compile(r"####\s*(-?\d+)(?!\.?\d)")  # an integer, not the start of 4.5
 
 
@@ -97,7 +100,7 @@ OPERATIONS = (_add, _sub, _packs, _scale)
 
 def _allowed(op, value: int) -> bool:
     # Nothing to take from an empty pile; keep products small enough to be learnable.
-    return not (op is _sub and value == 0) and not (op is _scale and value > 100)
+    return not (op is _sub and value == 0) and not (op is _scale and value > 30)
 
 
 def _share(s: _State, rng: random.Random) -> str | None:
