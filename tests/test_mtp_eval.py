@@ -167,11 +167,13 @@ def test_train_demo_head_hook(tmp_path):
         ex = Example(domain, [{"role": "user", "content": f"a {domain} question"},
                               {"role": "assistant", "content": "an answer"}])  # fmt: skip
         (root / "corpus" / f"{domain}.train.jsonl").write_text(ex.to_json() + "\n")
-    out = train_demo_head(target, tmp_path / "head", steps=2, num_prompts=1, max_tokens=12,
-                          progress=False)  # fmt: skip
+    out = train_demo_head(target, tmp_path / "head", steps=2, warm_steps=1, num_prompts=1,
+                          max_tokens=12, progress=False)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["data"]["sequences"] == 3
-    assert (out / "training_curve.png").is_file() and not (out / "run").exists()
+    assert summary["warm_start"] == {"loss": "fkl", "steps": 1}
+    assert (out / "training_curve.png").is_file() and (out / "warm_log.jsonl").is_file()
+    assert not (out / "run").exists() and not (out / "warm").exists()
     llm = LLM(str(target), mtp=str(out), num_speculative_tokens=3)
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, seed=0))[0].outputs[0].token_ids
     assert isinstance(demo_head_stage.cache_key, str)

@@ -14,11 +14,15 @@ import time
 from pathlib import Path
 
 # Demo-head budget, measured on 2 shared CPU cores with the demo target (docs/mtp_training.md):
-# self-distillation of DEMO_PROMPTS prompts per domain, then DEMO_STEPS optimiser steps.
-DEMO_STEPS = 150
+# self-distil DEMO_PROMPTS prompts per domain, warm the fresh head up with DEMO_WARM_STEPS of
+# forward KL (TV-type losses learn slowly from a random head: their gradient is bounded by q),
+# then DEMO_STEPS steps of the chosen loss.
+DEMO_STEPS = 60
+DEMO_WARM_STEPS = 40
 DEMO_PROMPTS = 64
 DEMO_MAX_TOKENS = 192
-DEMO_TRAIN = dict(lr=1e-3, batch_size=8, seq_len=512, warmup=10, max_chains=256, log_every=5)
+DEMO_TRAIN = dict(batch_size=8, seq_len=384, log_every=5, save_every=0)
+WARM_LOSS, WARM_LR, LR = "fkl", 2e-3, 1e-3
 
 
 def _demo_corpus(target_dir: Path) -> Path | None:
@@ -33,13 +37,15 @@ def train_demo_head(
     *,
     seed: int = 0,
     steps: int = DEMO_STEPS,
+    warm_steps: int = DEMO_WARM_STEPS,
     loss: str = "e2e_tv",
     gamma: int = 3,
     num_prompts: int = DEMO_PROMPTS,
     max_tokens: int = DEMO_MAX_TOKENS,
     progress: bool = True,
 ) -> Path:
-    """Self-distil the demo target at T = 1 and train an MTP head on it; returns out_dir, which
+    """Self-distil the demo target at T = 1, warm a fresh head up with forward KL for
+    `warm_steps`, train it `steps` more with `loss`; returns out_dir, which
     then holds the head (config.json + model.safetensors, `LLM(target, mtp=out_dir)`), plus
     `data/`, `train_log.jsonl`, `training_curve.png` and `summary.json`."""
     from bebop_spec.train.selfdistill import DataConfig, generate_dataset
@@ -54,18 +60,27 @@ def train_demo_head(
                           corpus=str(corpus) if corpus else None)  # fmt: skip
     meta = generate_dataset(data_cfg, progress=progress)
     t_data = time.perf_counter() - t0
-    run = out / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    cfg = TrainConfig(model=str(target_dir), data=data_cfg.out, out=str(run), loss=loss,
-                      gamma=gamma, steps=steps, seed=seed, save_every=0, **DEMO_TRAIN)  # fmt: skip
+    common = dict(model=str(target_dir), data=data_cfg.out, gamma=gamma, seed=seed, **DEMO_TRAIN)
+    warm = None
+    if warm_steps:
+        warm_cfg = TrainConfig(out=str(out / "warm"), loss=WARM_LOSS, steps=warm_steps,
+                               lr=WARM_LR, warmup=max(1, warm_steps // 10), **common)  # fmt: skip
+        warm = train_mtp(warm_cfg)
+    init = str(warm.head_dir) if warm else None
+    cfg = TrainConfig(out=str(out / "run"), loss=loss, steps=steps, lr=LR, warmup=2,
+                      init_from=init, **common)  # fmt: skip
     result = train_mtp(cfg)
     for f in result.head_dir.iterdir():  # the head itself lives at out_dir
         shutil.copy2(f, out / f.name)
     shutil.copy2(result.log_path, out / result.log_path.name)
     plot_training_curve(out / result.log_path.name, out / "training_curve.png")
-    shutil.rmtree(run)  # optimiser state and the duplicate head: not needed after the build
+    if warm is not None:
+        shutil.copy2(warm.log_path, out / "warm_log.jsonl")
+    for d in ("run", "warm"):  # optimiser state and duplicate heads: not needed after the build
+        shutil.rmtree(out / d, ignore_errors=True)
     summary = {
         "loss": loss, "gamma": gamma, "steps": result.step, "seed": seed,
+        "warm_start": {"loss": WARM_LOSS, "steps": warm_steps} if warm_steps else None,
         "data": {"sequences": meta.num_sequences, "response_tokens": meta.num_response_tokens},
         "final_soft_alpha": result.alpha, "final_accepted_length": result.accepted_length,
         "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t0, 1)},
@@ -82,6 +97,8 @@ def demo_head_stage(target_dir: Path, out_dir: Path) -> dict:
 
 
 # The demo build retrains the head when this changes (see demo/build.py `_head_key`).
-demo_head_stage.cache_key = f"e2e_tv-g3-s{DEMO_STEPS}-p{DEMO_PROMPTS}-t{DEMO_MAX_TOKENS}-v1"
+demo_head_stage.cache_key = (
+    f"e2e_tv-g3-s{DEMO_STEPS}-w{DEMO_WARM_STEPS}-p{DEMO_PROMPTS}-t{DEMO_MAX_TOKENS}-v1"
+)
 
 __all__ = ["DEMO_STEPS", "demo_head_stage", "train_demo_head"]
