@@ -91,6 +91,9 @@ class AsyncEngine:
     def weight_spec(self, selector: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return self.engine.weight_spec(selector)
 
+    def weight_aliases(self, selector: str) -> dict[str, str]:
+        return self.engine.weight_aliases(selector)
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         if self._thread is not None:
@@ -248,6 +251,9 @@ class AsyncEngine:
         return await self._call(
             lambda: self.engine.update_weights(tensors, selector, weight_version)
         )
+
+    async def relabel_weight_version(self, label: str) -> str:
+        return await self._call(lambda: self.engine.relabel_weight_version(label))
 
     async def flush_cache(self) -> int:
         return await self._call(self.engine.flush_cache)

@@ -70,6 +70,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already running")
         self.validate_prompt(prompt_ids)
+        if params.n > self.config.max_waiting:
+            raise InvalidRequest(
+                f"n={params.n} exceeds the waiting-queue bound {self.config.max_waiting}"
+            )
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; use stop_token_ids")
         seqs = []
@@ -185,6 +189,18 @@ class LLMEngine:
         self.version += 1
         self.version_labels[self.version] = weight_version or str(self.version)
         return self.weight_version
+
+    def weight_aliases(self, selector: str) -> dict[str, str]:
+        """Update names stored under another name here (tied embeddings: lm_head → embed)."""
+        return self.runner.aliases(selector)
+
+    def relabel_weight_version(self, label: str) -> str:
+        """Rename the serving weights' version without changing them (SGLang's
+        /update_weight_version); the counter stays, so per-token records are unchanged."""
+        if not label:
+            raise InvalidRequest("weight_version label must be non-empty")
+        self.version_labels[self.version] = label
+        return label
 
     def flush_cache(self) -> int:
         """Drop all cached K/V: running sequences are re-prefilled under the current weights."""

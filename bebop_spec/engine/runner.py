@@ -19,6 +19,7 @@ import torch
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.scheduler import prefill_len
 from bebop_spec.engine.sequence import Sequence
+from bebop_spec.errors import WeightUpdateError
 from bebop_spec.models import KVCache, LoadedModel
 from bebop_spec.spec import (
     SamplingTensors,
@@ -246,11 +247,11 @@ class ModelRunner:
         if selector in ("draft", "all"):
             if self.mtp is None:
                 if selector == "draft":
-                    raise ValueError("selector 'draft' but the engine has no MTP head")
+                    raise WeightUpdateError("selector 'draft' but the engine has no MTP head")
             else:
                 params.update(dict(self.mtp.named_parameters()))
         if selector not in ("target", "draft", "all"):
-            raise ValueError(f"selector={selector!r} must be target, draft or all")
+            raise WeightUpdateError(f"selector={selector!r} must be target, draft or all")
         return params
 
     def aliases(self, selector: str) -> dict[str, str]:
