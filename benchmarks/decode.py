@@ -28,16 +28,23 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def demo_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
-    """Chat-formatted held-out prompts from the demo corpus (math, code, agent in turn)."""
-    from bebop_spec.demo.corpus import heldout_prompts
+    """Chat-formatted held-out prompts of the demo corpus (math, code, agent in turn)."""
+    import random
 
-    texts = heldout_prompts(count, seed=seed)
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True
-        )  # fmt: skip
-        for t in texts
+    from bebop_spec.demo.build import DemoBuildConfig
+    from bebop_spec.demo.corpus import load_examples
+
+    corpus = DemoBuildConfig().corpus_dir
+    pools = [load_examples(corpus, d, "heldout") for d in ("math", "code", "agent")]
+    rng = random.Random(seed)
+    for pool in pools:
+        rng.shuffle(pool)
+    picked = [pools[i % 3][i // 3] for i in range(count)]
+    texts = [
+        tokenizer.apply_chat_template(ex.prompt_messages, tokenize=False, add_generation_prompt=True)
+        for ex in picked
     ]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def time_engine(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
@@ -123,10 +130,10 @@ def main() -> None:
 
     model, mtp = args.model, args.mtp
     if model is None:
-        from bebop_spec.demo.build import demo_head_path, ensure_demo
+        from bebop_spec.demo.cli import default_model
 
-        model = str(ensure_demo())
-        mtp = mtp or str(demo_head_path())
+        target, head = default_model()
+        model, mtp = str(target), mtp or str(head)
     torch.manual_seed(args.seed)
     engines = {
         "none": LLM(model, draft_mode=None),

@@ -59,13 +59,14 @@ def build_configs(args: argparse.Namespace):
     from bebop_spec.engine.config import EngineConfig
     from server.config import ServerConfig
 
-    model = args.model
-    if model is None:
-        from bebop_spec.demo.build import ensure_demo
+    model, mtp = args.model, args.mtp
+    if model is None:  # the built-in demo model and its e2e-TV head (built once, cached)
+        from bebop_spec.demo.cli import default_model
 
-        model = str(ensure_demo())
+        target, head = default_model()
+        model, mtp = str(target), mtp or str(head)
     engine = EngineConfig(
-        model=str(model), mtp=args.mtp, num_speculative_tokens=args.num_speculative_tokens,
+        model=str(model), mtp=mtp, num_speculative_tokens=args.num_speculative_tokens,
         draft_mode=None if args.draft_mode == "none" else args.draft_mode,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,

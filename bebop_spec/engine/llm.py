@@ -31,10 +31,11 @@ class LLM:
         draft_mode: str | None = "rs",
         **engine_kwargs: Any,
     ) -> None:
-        if model is None:
-            from bebop_spec.demo.build import ensure_demo
+        if model is None:  # the built-in demo model and its e2e-TV head (built once, cached)
+            from bebop_spec.demo.cli import default_model
 
-            model = str(ensure_demo())
+            target, head = default_model()
+            model, mtp = str(target), mtp or str(head)
         engine_kwargs.setdefault("max_waiting", 1 << 30)  # offline: the whole batch is queued
         config = EngineConfig(model=str(model), mtp=None if mtp is None else str(mtp),
                               num_speculative_tokens=num_speculative_tokens,
