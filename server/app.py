@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server.auth import AdminGateMiddleware, admin_paths
 from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.errors import install_error_handlers
@@ -43,12 +44,13 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Bebop rollout server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bebop = state
     install_error_handlers(app)
-    app.include_router(openai_router(state.openai))
-    app.include_router(sglang_router(state))
-    app.include_router(weights_router(state))
+    routers = [openai_router(state.openai), sglang_router(state), weights_router(state)]
+    for router in routers:
+        app.include_router(router)
 
     def limit_for(path: str) -> int:
         return config.max_tensor_body_bytes if path == TENSOR_ROUTE else config.max_body_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(AdminGateMiddleware, config=config, paths=admin_paths(routers))
     return app

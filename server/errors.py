@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bebop_spec.engine.async_engine import EngineStepError
+
 logger = logging.getLogger("bebop.server")
 
 _TYPES = {
@@ -100,6 +102,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(json.JSONDecodeError)
     async def _json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return ApiError(400, f"malformed JSON body: {exc}").response()
+
+    @app.exception_handler(EngineStepError)
+    async def _step_failed(request: Request, exc: EngineStepError) -> JSONResponse:
+        # A handled 500 (not the catch-all below, which Starlette re-raises to the server,
+        # so uvicorn logged it as an ASGI crash and could reset the connection).
+        return ApiError(500, str(exc), code="engine_step_failed").response()
 
     @app.exception_handler(Exception)
     async def _fault(request: Request, exc: Exception) -> JSONResponse:

@@ -74,6 +74,12 @@ class LLMEngine:
             raise InvalidRequest(
                 f"n={params.n} exceeds the waiting-queue bound {self.config.max_waiting}"
             )
+        # The sampler packs these into float32 / int64 tensors for the whole batch: a value
+        # that does not fit there would fail every running request's step, not just this one.
+        if not torch.tensor(params.top_p, dtype=torch.float32) > 0:
+            raise InvalidRequest(f"top_p={params.top_p} rounds to 0 in float32")
+        if params.top_k >= 2**63:
+            raise InvalidRequest(f"top_k={params.top_k} does not fit in int64")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; use stop_token_ids")
         seqs = []

@@ -93,7 +93,8 @@ def _entry(
     bad = f"malformed safetensors data: entry {name!r}"
     if not isinstance(info, dict):
         raise WeightUpdateError(bad)
-    dtype = _ST_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    name_of_dtype = info.get("dtype")
+    dtype = _ST_DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if dtype is None:
         raise WeightUpdateError(f"{bad}: unsupported dtype {info.get('dtype')!r}")
@@ -111,14 +112,19 @@ def load_safetensors_dir(
     path: str | os.PathLike, root: str | None = None
 ) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (`*.safetensors`, sharded or not)."""
-    p = Path(path).expanduser()
+    try:  # "~nosuchuser/x" raises RuntimeError, a NUL byte ValueError: both are client input
+        p = Path(path).expanduser()
+        real = p.resolve()
+        is_file, is_dir = p.is_file(), p.is_dir()
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise WeightUpdateError(f"model_path {str(path)!r} is not a usable path: {exc}") from exc
     if root is not None:
-        real, base = p.resolve(), Path(root).expanduser().resolve()
+        base = Path(root).expanduser().resolve()
         if base != real and base not in real.parents:
             raise WeightUpdateError(f"model_path must lie under {base}")
-    if p.is_file() and p.suffix == ".safetensors":
+    if is_file and p.suffix == ".safetensors":
         files = [p]
-    elif p.is_dir():
+    elif is_dir:
         files = _checkpoint_files(p)
     else:
         raise WeightUpdateError(f"model_path {str(path)!r} is not a directory of safetensors files")
