@@ -82,6 +82,8 @@ class KVCache:
         # mask[b, 0, t, j] = key j visible to query (b, t): key_pos <= query_pos. Padded queries
         # (position = scratch) see every gathered key, which keeps SDPA free of all-masked rows.
         mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        if positions.shape[1] == 1 and lo == hi == last:
+            mask = None  # one token per row, all at the last gathered column: every key visible
         return CacheView(self, slots, positions, kv_len, mask)
 
 
@@ -93,7 +95,7 @@ class CacheView:
     slots: torch.Tensor  # [B]
     positions: torch.Tensor  # [B, T]
     kv_len: int  # columns 0..kv_len-1 are read
-    mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = attend
+    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, True = attend; None = attend all
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v[B,T,kv,d] at cache[layer, slots[b], positions[b,t]]."""

@@ -157,11 +157,11 @@ class Attention(nn.Module):
             k, v = view.read(self.layer_idx)  # [B, kv_len, n_kv, d]
             k, v = k.to(q.dtype), v.to(q.dtype)
             mask, causal = view.mask, False
-        groups = self.n_heads // self.n_kv
-        k = k.transpose(1, 2).repeat_interleave(groups, dim=1) if groups > 1 else k.transpose(1, 2)
-        v = v.transpose(1, 2).repeat_interleave(groups, dim=1) if groups > 1 else v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
-                                             is_causal=causal)  # fmt: skip
+        # GQA without materialising repeated K/V: SDPA broadcasts kv heads over query groups.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), attn_mask=mask,
+                                             is_causal=causal,
+                                             enable_gqa=self.n_heads != self.n_kv)  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
