@@ -305,3 +305,30 @@ def test_pickle_payload_is_never_unpickled(server, http, tmp_path):
     assert not marker.exists()
     assert checksum(state) == before and version(http) == v0
     assert http.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------ truncated uploads
+def test_truncated_uploads_change_nothing(server, http, models):
+    """A safetensors body cut short (declared length honest; 1 byte, half, or all but 7
+    missing) is a 400; a client that declares N bytes, sends N/2 and hangs up changes
+    nothing. Weights and version unchanged in every case; the whole file then applies."""
+    import socket
+
+    srv, state = server
+    before, v0 = checksum(state), version(http)
+    data = (models[2] / "model.safetensors").read_bytes()
+    for cut in (data[:-1], data[: len(data) // 2], data[:7]):
+        r = http.post("/update_weights_from_tensor", content=cut, headers=OCTET)
+        assert r.status_code == 400 and r.json()["success"] is False, r.text
+    head = (f"POST /update_weights_from_tensor HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n")  # fmt: skip
+    with socket.create_connection((srv.host, srv.port), timeout=10) as s:
+        s.sendall(head.encode() + data[: len(data) // 2])
+        time.sleep(0.2)
+    time.sleep(0.2)
+    wait_for(lambda: not state.weights.lock.locked(), 10, "the aborted upload to be dropped")
+    assert checksum(state) == before and version(http) == v0
+    assert http.post("/generate", json=GREEDY).status_code == 200
+    r = http.post("/update_weights_from_tensor?selector=target&weight_version=whole",
+                  content=data, headers=OCTET)  # fmt: skip
+    assert r.json()["success"] and serves_exactly(state, models[2])  # nothing is stuck
