@@ -71,7 +71,8 @@ def build_configs(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
     )  # fmt: skip
-    name = args.served_model_name or Path(model).resolve().name
+    default_name = "bebop-demo" if args.model is None else Path(model).resolve().name
+    name = args.served_model_name or default_name
     server = ServerConfig(
         host=args.host, port=args.port, served_model_name=name, admin_token=args.admin_token,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin, max_n=args.max_n,
