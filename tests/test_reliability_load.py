@@ -119,7 +119,8 @@ def test_64_streams_with_10pct_disconnects(server):
 def test_step_failure_fails_its_request_and_engine_keeps_serving(server):
     """A decode step that raises (injected once) fails the requests in that step with a
     clear error — a 500 whose message names the exception for a plain request, an in-band
-    `error` event then `[DONE]` for a stream — and the engine then serves new requests;
+    `error` event then `[DONE]` for a stream that had started (a 500 if the step failed
+    before its first event could be sent) — and the engine then serves new requests;
     no slot leaks."""
     srv, state = server
     runner = state.engine.engine.runner
@@ -141,8 +142,12 @@ def test_step_failure_fails_its_request_and_engine_keeps_serving(server):
             assert "poisoned step" in err["message"] and err["code"] == "engine_step_failed"
             armed["on"] = True
             with c.stream("POST", "/generate", json=body | {"stream": True}) as s:
-                events = [x[6:] for x in s.iter_lines() if x.startswith("data: ")]
-            assert events[-1] == "[DONE]" and "poisoned step" in events[-2]
+                s.read()
+            if s.status_code == 500:  # the step failed before the first event was sent
+                assert "poisoned step" in s.json()["error"]["message"]
+            else:
+                events = [x[6:] for x in s.text.splitlines() if x.startswith("data: ")]
+                assert events[-1] == "[DONE]" and "poisoned step" in events[-2]
             ok = c.post("/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 8,
                                                                                     "ignore_eos": True}})  # fmt: skip
             assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 8
