@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
+# OpenMP threads spinning on a busy machine slow torch down several-fold (demo/target.py);
+# read when torch loads, and inherited by the server subprocess.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 try:
@@ -69,8 +73,13 @@ def execute(cfg: GRPOConfig) -> list[dict]:
 ERRORS = (BebopClientError, ServerStartError, BebopError, ValueError, FileNotFoundError)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the server subprocess is stopped on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = args_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         execute(config_from_args(args))
     except ERRORS as exc:

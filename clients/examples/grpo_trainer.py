@@ -106,6 +106,8 @@ def token_logprobs(policy: nn.Module, ids: Tensor, mask: Tensor, temperature: fl
     logp_all = F.log_softmax(logits / temperature, -1)
     logp = logp_all.gather(-1, ids[:, 1:][pred][:, None])[:, 0]
     ent = -(logp_all.exp() * logp_all).sum(-1)
+    if temperature == 1.0:
+        return logp, ent, ent.detach()
     with torch.no_grad():
         raw = F.log_softmax(logits.detach(), -1)
         ent_t1 = -(raw.exp() * raw).sum(-1)
@@ -146,6 +148,7 @@ def grpo_step(policy: nn.Module, opt: torch.optim.Optimizer, samples: list[Train
     opt.zero_grad(set_to_none=True)
     acc = {"pg": 0.0, "entropy": 0.0, "entropy_t1": 0.0, "drift": 0.0, "fresh": None,
            "clipped": 0.0, "n": 0}  # fmt: skip
+    samples = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.token_ids))  # less padding
     for i in range(0, len(samples), cfg.micro_batch):
         part = samples[i : i + cfg.micro_batch]
         ids, mask = pad_batch([s.prompt_ids + s.token_ids for s in part],
