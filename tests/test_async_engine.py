@@ -137,27 +137,32 @@ def test_retract_keeps_generating_same_tokens(engine):
 
 
 def test_bad_request_and_step_failure_are_contained(engine):
-    """Invalid prompts raise at the first item; a failing step fails only its requests."""
+    """Invalid prompts raise at the first item. A step that raises because of one request
+    fails only that request (EngineStepError); a request batched with it in the same step
+    completes, and the engine keeps serving."""
 
     async def main():
         await engine.start()
         with pytest.raises(InvalidRequest):
             await _collect(engine, [10**6], GREEDY, "g")
         original = engine.engine.runner.decode
-        calls = {"n": 0}
 
-        def flaky(seqs):
-            calls["n"] += 1
-            if calls["n"] == 1:
+        def poisoned(seqs):
+            if any(s.prompt_ids[0] == 63 for s in seqs):
                 raise RuntimeError("boom")
             return original(seqs)
 
-        engine.engine.runner.decode = flaky
+        engine.engine.runner.decode = poisoned
+        healthy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        good = asyncio.create_task(_collect(engine, [1, 2], healthy, "h-ok"))
+        bad = asyncio.create_task(_collect(engine, [63, 2], GREEDY, "h-bad"))
         with pytest.raises(EngineStepError, match="boom"):
-            await _collect(engine, [1, 2], GREEDY, "h")
-        ok = await _collect(engine, [1, 2], GREEDY, "i")
+            await bad
+        ok = await good
+        after = await _collect(engine, [1, 2], GREEDY, "i")
         await engine.shutdown()
-        return ok
+        return ok, after
 
-    ok = run(main())
-    assert ok.outputs[0].finish_reason == "length"
+    ok, after = run(main())
+    assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 40
+    assert after.outputs[0].finish_reason == "length"

@@ -126,9 +126,8 @@ def test_step_failure_fails_its_request_and_engine_keeps_serving(server):
     runner = state.engine.engine.runner
     original, armed = runner.decode, {"on": True}
 
-    def poisoned(seqs):
+    def poisoned(seqs):  # fails every step that holds the poisoned request
         if armed["on"] and any(s.prompt_ids[0] == 63 for s in seqs):
-            armed["on"] = False
             raise RuntimeError("poisoned step")
         return original(seqs)
 

@@ -125,6 +125,9 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_running(exc)
                 continue
+            for rid, message in self.engine.failed.items():
+                self._publish(EngineStepError(message), rid)
+            self.engine.failed.clear()
             for out in outputs:
                 self._publish(out)
 

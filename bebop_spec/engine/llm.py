@@ -86,7 +86,13 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(rids), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            outputs = self.engine.step()
+            if self.engine.failed:
+                rid, message = next(iter(self.engine.failed.items()))
+                self.engine.abort_all()
+                self.engine.failed.clear()
+                raise RuntimeError(f"request {rid}: {message}")
+            for out in outputs:
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)

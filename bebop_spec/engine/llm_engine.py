@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -47,6 +48,8 @@ class LLMEngine:
         self.observers: list[Callable[[StepStats], None]] = []
         self._rng = torch.Generator().manual_seed(config.seed)
         self._seq_ids = itertools.count()
+        # request id -> error message of requests whose own step failed (drained by the caller)
+        self.failed: dict[str, str] = {}
 
     # ------------------------------------------------------------------ requests
     @property
@@ -130,10 +133,7 @@ class LLMEngine:
         if batch is None:
             return []
         t0 = time.perf_counter()
-        if batch.kind == "prefill":
-            results = self.runner.prefill(batch.seqs)
-        else:
-            results = self.runner.decode(batch.seqs)
+        results = self._run_isolating(batch.kind, batch.seqs)
         stats = StepStats(draft_mode=self.config.draft_mode or "none")
         if batch.kind == "prefill":
             stats.num_prompt_tokens = sum(s.num_prompt_tokens for s in batch.seqs)
@@ -150,6 +150,34 @@ class LLMEngine:
         for fn in self.observers:
             fn(stats)
         return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _run(self, kind: str, seqs: list[Sequence]) -> list[StepResult]:
+        return self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
+
+    def _run_isolating(self, kind: str, seqs: list[Sequence]) -> list[StepResult]:
+        """Run the batch; if it raises, rerun each sequence alone so that only the requests
+        whose own step fails are aborted (their errors go to `failed`) and the rest go on.
+        Safe to rerun: the runner mutates a sequence's cache bookkeeping only after its
+        forward passes succeed, and a prefill recomputes from the token ids."""
+        try:
+            return self._run(kind, seqs)
+        except Exception:
+            if len(seqs) == 1 and len(self.requests[seqs[0].request_id]) == 1:
+                return self._fail([(seqs[0], sys.exc_info()[1])])
+        results, failed = [], []
+        for seq in seqs:
+            try:
+                results += self._run(kind, [seq])
+            except Exception as exc:
+                failed.append((seq, exc))
+        return results + self._fail(failed)
+
+    def _fail(self, failed: list[tuple[Sequence, BaseException | None]]) -> list[StepResult]:
+        for seq, exc in failed:
+            if seq.request_id in self.requests:
+                self.failed[seq.request_id] = f"engine step failed: {type(exc).__name__}: {exc}"
+                self.abort(seq.request_id)
+        return []
 
     def _apply(self, r: StepResult, stats: StepStats) -> None:
         seq = r.seq
