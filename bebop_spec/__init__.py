@@ -1,6 +1,6 @@
 """Bebop: MTP speculative decoding with exact rejection sampling for RL rollouts.
 
-    from bebop_spec import LLM, SamplingParams
+from bebop_spec import LLM, SamplingParams
 """
 
 from bebop_spec.sampling_params import SamplingParams

@@ -41,7 +41,9 @@ def demo_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
         rng.shuffle(pool)
     picked = [pools[i % 3][i // 3] for i in range(count)]
     texts = [
-        tokenizer.apply_chat_template(ex.prompt_messages, tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            ex.prompt_messages, tokenize=False, add_generation_prompt=True
+        )
         for ex in picked
     ]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
