@@ -86,7 +86,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(rids), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished():
-            outputs = self.engine.step()
+            outputs = self.engine.step(only_finished=True)
             if self.engine.failed:
                 rid, message = next(iter(self.engine.failed.items()))
                 self.engine.abort_all()

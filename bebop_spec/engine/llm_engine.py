@@ -127,8 +127,9 @@ class LLMEngine:
         return self.scheduler.num_waiting
 
     # ------------------------------------------------------------------ step
-    def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; return outputs of every request that progressed."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one prefill or decode step; return outputs of every request that progressed
+        (or, with `only_finished`, of those that finished: offline use, no per-step copies)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -149,7 +150,12 @@ class LLMEngine:
         stats.step_seconds = time.perf_counter() - t0
         for fn in self.observers:
             fn(stats)
+        if only_finished:
+            touched = {rid: None for rid in touched if rid in self.requests and self._done(rid)}
         return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _done(self, request_id: str) -> bool:
+        return all(s.is_finished for s in self.requests[request_id])
 
     def _run(self, kind: str, seqs: list[Sequence]) -> list[StepResult]:
         return self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)

@@ -17,7 +17,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: queues test membership by object
 class Sequence:
     """One sample being generated.
 
