@@ -22,3 +22,12 @@ def tiny_text_model(tmp_path_factory):
     from bebop_spec.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tinytext") / "m", with_tokenizer=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread avoids OpenMP contention on shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from bebop_spec.testing import make_tiny_model
 from bebop_spec.train.data import read_dataset
 from bebop_spec.train.trainer import read_log
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP contention on shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
