@@ -240,3 +240,16 @@ def test_versions_recorded_per_token_across_an_update(server, http, models):
     assert (
         spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] and spans[1]["end"] == 300
     )
+
+
+def test_update_weight_version_relabels_without_touching_weights(http):
+    """/update_weight_version (SGLang) renames the serving version; greedy output is the same
+    and new tokens carry the new label; an empty label is a 4xx."""
+    before = greedy(http)
+    r = http.post("/update_weight_version", json={"new_version": "relabelled-7"})
+    assert r.status_code == 200 and r.json()["new_version"] == "relabelled-7"
+    assert version(http) == "relabelled-7"
+    after = greedy(http)
+    assert after["output_ids"] == before["output_ids"]
+    assert after["meta_info"]["weight_version"] == "relabelled-7"
+    assert http.post("/update_weight_version", json={"new_version": ""}).status_code in (400, 422)

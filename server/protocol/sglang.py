@@ -68,6 +68,11 @@ class _Admin(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class UpdateWeightVersionRequest(_Admin):
+    new_version: str = Field(min_length=1, max_length=256)
+    abort_all_requests: bool = True
+
+
 class UpdateWeightsFromDiskRequest(_Admin):
     model_path: str
     load_format: str | None = None
