@@ -13,20 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from bebop_spec.errors import ModelLoadError
 from bebop_spec.models import DenseDecoder, KVCache, ModelConfig, load_model, save_model
+from bebop_spec.testing import randomize_weights as randomize
 
 TOL = 1e-4  # max |logit difference| allowed against transformers in fp32
 
 COMMON = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Weights ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1): every tensor visibly matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name else noise)
 
 
 def hf_model(kind: str):

@@ -23,19 +23,11 @@ from bebop_spec.models import (
 )
 from bebop_spec.models.decoder import DenseDecoder
 from bebop_spec.models.layers import RMSNorm
+from bebop_spec.testing import randomize_weights as randomize
 
 LAYOUTS = ["qwen3_next", "deepseek_v3"]
 COMMON = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Weights ~ N(0, 0.1), standard norm weights ~ 1 + N(0, 0.1): every tensor matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name else noise)
 
 
 def tiny_target(seed: int = 0) -> DenseDecoder:
