@@ -5,11 +5,11 @@
     bebop patch sglang --revert              # restore the pristine files
     bebop patch vllm --site-packages DIR     # an engine tree somewhere else (e.g. an unpacked wheel)
 
-The patch set for an engine is `patches/<engine>-<version>/*.patch`, unified diffs against
-the installed package tree (paths `a/vllm/...`), applied in file-name order. The tree's
-state is read from the files themselves: *clean* when every patch applies forward,
-*applied* when every patch applies in reverse, anything else is a conflict and nothing is
-touched. Writing is a transaction: all new contents are computed in memory first, every
+The patch set for an engine is `patches/<engine>-<version>/*.patch` (in the wheel:
+`bebop_spec/_patches/`), unified diffs against the installed package tree (paths
+`a/vllm/...`), applied in file-name order. The tree's state is read from the files
+themselves: *clean* when every patch applies forward, *applied* when every patch applies in
+reverse, anything else is a conflict and nothing is touched. Writing is a transaction: all new contents are computed in memory first, every
 target is checked for write access, then files are replaced one by one and restored from
 the in-memory originals if any write fails.
 
@@ -20,6 +20,7 @@ Exit codes: 0 ok, 1 conflict / partial tree, 2 engine missing or wrong version,
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import importlib.util
 import os
 import re
@@ -48,11 +49,12 @@ class EngineTree:
 
 
 def patches_dir(override: str | None = None) -> Path:
-    """Where the patch sets live: --patches-dir, $BEBOP_PATCHES_DIR, or <repo>/patches."""
+    """Where the patch sets live: --patches-dir, $BEBOP_PATCHES_DIR, else the package's own
+    `bebop_spec._patches` (in a checkout a link to <repo>/patches; in a wheel a copy)."""
     for cand in (override, os.environ.get("BEBOP_PATCHES_DIR")):
         if cand:
             return Path(cand)
-    return Path(__file__).resolve().parent.parent / "patches"
+    return Path(str(importlib.resources.files("bebop_spec._patches")))
 
 
 def _dist_version(root: Path, engine: str) -> str | None:

@@ -3,7 +3,8 @@
 Runs on a fake engine tree (no vLLM/SGLang needed). Invariants guarded: a patch set is
 applied completely or not at all; applying twice is a no-op; revert restores the original
 bytes; a wrong version, a foreign edit, a half-patched tree or an unwritable tree is
-refused with a clear message and leaves every file untouched.
+refused with a clear message and leaves every file untouched. The shipped patch sets are
+found without configuration (package data `bebop_spec._patches`) and parse.
 """
 
 from __future__ import annotations
@@ -182,3 +183,21 @@ def test_malformed_diff_is_rejected():
         parse_unified_diff("--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\n")
     with pytest.raises(PatchError):
         apply_hunks(["q\n"], parse_unified_diff("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n")[0].hunks)
+
+
+def test_shipped_patch_sets_are_package_data(monkeypatch):
+    """Without overrides the sets come from `bebop_spec._patches` (the wheel's copy of
+    patches/); every file sits where pyproject's package-data globs pick it up."""
+    monkeypatch.delenv("BEBOP_PATCHES_DIR", raising=False)
+    base = patching.patches_dir()
+    assert base.parts[-2:] == ("bebop_spec", "_patches") and (base / "README.md").is_file()
+    shipped = {p.relative_to(base).as_posix() for p in base.rglob("*.patch")}
+    assert shipped == {p.relative_to(base).as_posix() for p in base.glob("*/*.patch")}
+    for engine, version in patching.PINNED.items():
+        for name, file_patches in patching.load_patch_set(engine, version, base):
+            assert file_patches, name
+    sglang = [n for n, _ in patching.load_patch_set("sglang", patching.PINNED["sglang"], base)]
+    assert "0003-dense-target-mtp-heads.patch" in sglang
+    monkeypatch.setenv("BEBOP_PATCHES_DIR", "/elsewhere")
+    assert patching.patches_dir() == Path("/elsewhere")
+    assert patching.patches_dir("/cli") == Path("/cli")

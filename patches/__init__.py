@@ -1,0 +1,1 @@
+"""Bebop's engine patch sets (the repository's patches/ folder), shipped as bebop_spec._patches."""
