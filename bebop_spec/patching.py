@@ -9,9 +9,9 @@ The patch set for an engine is `patches/<engine>-<version>/*.patch` (in the whee
 `bebop_spec/_patches/`), unified diffs against the installed package tree (paths
 `a/vllm/...`), applied in file-name order. The tree's state is read from the files
 themselves: *clean* when every patch applies forward, *applied* when every patch applies in
-reverse, anything else is a conflict and nothing is touched. Writing is a transaction: all new contents are computed in memory first, every
-target is checked for write access, then files are replaced one by one and restored from
-the in-memory originals if any write fails.
+reverse, anything else is a conflict and nothing is touched. Writing is a transaction: all
+new contents are computed in memory first, every target is checked for write access, then
+files are replaced one by one and restored from the in-memory originals if any write fails.
 
 Exit codes: 0 ok, 1 conflict / partial tree, 2 engine missing or wrong version,
 3 not writable (or a write failed and was rolled back).
