@@ -66,13 +66,15 @@ def test_chain_counts_exactly_the_complete_chains_and_wires_steps_by_hand(tiny):
     mask and t+3 <= 7: starts 0..4. Row 1: mask 0 0 0 1 1 0 0 0 -> only t=1 (targets 3, 4).
     Then every gathered chain is checked against a hand-run of the target and the head:
     target logits at t+k, labels x_{t+k+1}, step-1 pair (h_t, x_{t+1}) at position t, step-2
-    pair (g¹_t, x_{t+2}) at position t+1 in a causal pass over starts (abs tol 1e-5)."""
+    pair (g¹_t, x_{t+2}) at position t+1 in a causal pass over starts (abs tol 1e-5). This is
+    the older context="causal" chain, kept behind the flag; the default "serve" context is
+    checked against the engine in tests/test_train_chain.py."""
     model_dir, _ = tiny
     loaded = load_model(model_dir)
     target, head = loaded.target, init_mtp_head(loaded.config, "qwen3_next", 1, seed=3)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    out = teacher_forced_chain(target, head, ids, mask, gamma=2)
+    out = teacher_forced_chain(target, head, ids, mask, gamma=2, context="causal")
     assert out.starts.tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [1, 1]]
     assert out.draft_logits.shape == out.target_logits.shape == (6, 2, VOCAB)
     assert out.mask.all() and not out.target_logits.requires_grad

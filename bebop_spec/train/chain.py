@@ -1,25 +1,46 @@
 """The teacher-forced γ-step MTP chain used for training (DESIGN §3).
 
-For a start position t of a sequence x:
-    step 1 feeds the pair (h_t, x_{t+1}) at position t, h = the frozen target's hidden
-           (after its final norm);
-    step k feeds (g^{k-1}_t, x_{t+k}) at position t+k-1, g^{k-1} = the head's output hidden
-           of step k-1 (after the head's final norm), in a fresh causal pass (no KV cache).
-The draft logits of step k at start t predict x_{t+k+1}; they are compared with the target's
-logits at position t+k (its distribution over x_{t+k+1}). Gradients flow through the whole
-chain into the head; the target is run under no_grad.
+For a start position t of a sequence x, chain step k (0-based, the engine's `step`) feeds
+    k = 0:  the pair (h_t, x_{t+1}) at position t, h = the frozen target's hidden (after its
+            final norm);
+    k >= 1: (g^{k-1}_t, x_{t+k+1}) at position t+k, g^{k-1} = the head's output hidden of step
+            k-1 (after the head's final norm).
+Its draft logits predict x_{t+k+2} and are compared with the target's logits at position t+k+1.
+Gradients flow through the whole chain into the head; the target runs under no_grad.
+
+What the head's attention sees (`context`):
+    "serve"  (default) exactly what the engine's draft round from t sees (engine/runner.py
+             `_draft`): the head's KV cache holds step-0 entries (h_j, x_{j+1}) at positions
+             j <= t, plus the entries this round's own steps 1..k wrote at t+1..t+k. So the
+             query of (t, k) attends to step-0 keys 0..t and to its own chain keys — never to
+             another start's chain keys (EAGLE-3's "training-time test"). One-layer heads only:
+             with several layers the engine's caches of layers >= 1 hold no step-0 entries.
+    "causal" the earlier approximation: step k is a plain causal pass over the step-k inputs of
+             all starts, so (t, k) also attends to the step-k keys of every start t' < t, which
+             the engine never has.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from bebop_spec.models.layers import apply_rotary
 from bebop_spec.train.data import complete_chain_starts
 
-__all__ = ["ChainOutput", "complete_chain_starts", "select_starts", "teacher_forced_chain"]
+__all__ = [
+    "CONTEXTS",
+    "ChainOutput",
+    "complete_chain_starts",
+    "select_starts",
+    "teacher_forced_chain",
+]
+
+CONTEXTS = ("serve", "causal")
 
 
 @dataclass
@@ -56,11 +77,21 @@ def teacher_forced_chain(
     gamma: int,
     max_chains: int = 0,
     generator: torch.Generator | None = None,
+    *,
+    context: str = "serve",
 ) -> ChainOutput:
     """input_ids[B,T], loss_mask[B,T] -> the γ-chains of every complete start (N of them), or of
-    max_chains of them drawn at random (the [N, γ, V] logits dominate memory)."""
+    max_chains of them drawn at random (the [N, γ, V] logits dominate memory). `context`:
+    "serve" | "causal", what the head's attention sees (module docstring)."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if context not in CONTEXTS:
+        raise ValueError(f"context={context!r}: expected one of {CONTEXTS}")
+    if context == "serve" and head.num_layers != 1:
+        raise ValueError(
+            f"context='serve' needs a one-layer head (this one has {head.num_layers}): the "
+            "engine's caches of MTP layers >= 1 hold no step-0 entries; use context='causal'"
+        )
     batch, seq = input_ids.shape
     positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
     rows, starts = select_starts(loss_mask, gamma, max_chains, generator)  # [N] each
@@ -77,18 +108,11 @@ def teacher_forced_chain(
     def embed(ids: Tensor) -> Tensor:
         return target.embed(ids).to(head_dtype)
 
-    # Causal passes: start t only sees starts <= t, so the passes stop at the last needed start.
+    # Start t only needs pairs and starts <= t, so every pass stops at the last needed start.
     n = int(starts.max()) + 1 if starts.numel() else 0
-    g, draft = hidden, []
-    for k in ks:
-        g = head(
-            g[:, :n].to(head_dtype),
-            input_ids[:, k : k + n],
-            positions[:, k - 1 : k - 1 + n],
-            embed=embed,
-            step=k - 1,
-        )  # [B, n, H]: g^k_t for starts t < n
-        draft.append(target.compute_logits(g[rows, starts].to(hidden.dtype)))
+    chain = _serve_chain if context == "serve" else _causal_chain
+    outs = chain(head, hidden[:, :n].to(head_dtype), input_ids, positions, n, gamma, embed)
+    draft = [target.compute_logits(g[rows, starts].to(hidden.dtype)) for g in outs]
     return ChainOutput(
         draft_logits=torch.stack(draft, dim=1),
         target_logits=target_logits,
@@ -96,3 +120,89 @@ def teacher_forced_chain(
         mask=torch.ones(rows.numel(), dtype=torch.bool, device=input_ids.device),
         starts=torch.stack([rows, starts], dim=1),
     )
+
+
+Embed = Callable[[Tensor], Tensor]
+
+
+def _causal_chain(head: nn.Module, h: Tensor, ids: Tensor, positions: Tensor, n: int,
+                  gamma: int, embed: Embed) -> list[Tensor]:  # fmt: skip
+    """h[B,n,H] -> [g^k[B,n,H] for k < γ]: step k is one causal pass over all starts' step-k
+    pairs (start t at position t+k attends to the step-k inputs of starts <= t)."""
+    g, outs = h, []
+    for k in range(gamma):
+        g = head(g, ids[:, k + 1 : k + 1 + n], positions[:, k : k + n], embed=embed, step=k)
+        outs.append(g)
+    return outs
+
+
+def _serve_chain(head: nn.Module, h: Tensor, ids: Tensor, positions: Tensor, n: int,
+                 gamma: int, embed: Embed) -> list[Tensor]:  # fmt: skip
+    """h[B,n,H] -> [g^k[B,n,H] for k < γ] with the engine's attention context: start t at step k
+    attends to the step-0 keys of positions 0..t and to its own keys of steps 1..k.
+
+    The head's one decoder layer, written out from its submodules (MTPHead.forward +
+    DecoderLayer.forward) so the keys of every step stay at hand: step-0 K/V [B,n,kv,d] for all
+    positions, and per step k >= 1 one more K/V [B,n,kv,d] per start (its chain keys)."""
+    enorm, hnorm, fc, layer, norm = head.parts(0)
+    attn = layer.self_attn
+    g, outs = h, []
+    k0 = v0 = None
+    chain_k: list[Tensor] = []
+    chain_v: list[Tensor] = []
+    for k in range(gamma):
+        pos = positions[:, k : k + n]
+        e = embed(ids[:, k + 1 : k + 1 + n])
+        if head.layout == "deepseek_v3":  # vLLM masks the embedding at position 0
+            e = e.masked_fill((pos == 0).unsqueeze(-1), 0.0)
+        x = fc(torch.cat([enorm(e), hnorm(g.to(e.dtype))], dim=-1))
+        q, key, val = _project(attn, layer.input_layernorm(x), *head.rotary_emb(pos))
+        if k == 0:
+            k0, v0 = key, val
+        else:
+            chain_k.append(key)
+            chain_v.append(val)
+        a = serve_attention(q, k0, v0, chain_k, chain_v)  # [B, n, heads, d]
+        x = x + attn.o_proj(a.flatten(2))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        g = norm(x)
+        outs.append(g)
+    return outs
+
+
+def _project(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+    """x[B,n,H] -> q[B,n,heads,d], k, v[B,n,kv,d]: projections, q/k norm, rotary (as Attention)."""
+    b, n, _ = x.shape
+    q = attn.q_proj(x).view(b, n, attn.n_heads, attn.head_dim)
+    k = attn.k_proj(x).view(b, n, attn.n_kv, attn.head_dim)
+    v = attn.v_proj(x).view(b, n, attn.n_kv, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def serve_attention(
+    q: Tensor, k0: Tensor, v0: Tensor, chain_k: list[Tensor], chain_v: list[Tensor]
+) -> Tensor:
+    """q[B,n,heads,d] (query of start t at step k), k0, v0[B,n,kv,d] (step-0 keys of positions
+    0..n-1), chain_k, chain_v: k tensors [B,n,kv,d] (start t's own keys of steps 1..k)
+    -> out[B,n,heads,d].
+
+    softmax over [k0_j for j <= t] ++ [chain keys of t]; scale 1/sqrt(d) as SDPA; GQA: query
+    head h reads kv head h // (heads / kv)."""
+    b, n, heads, d = q.shape
+    kv = k0.shape[2]
+    qg = q.view(b, n, kv, heads // kv, d)
+    scale = 1.0 / math.sqrt(d)
+    s0 = torch.einsum("btvgd,bjvd->bvgtj", qg, k0) * scale  # [B, kv, g, t, j]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # key j <= start t
+    s0 = s0.masked_fill(~causal, float("-inf"))
+    if not chain_k:
+        p0 = s0.float().softmax(-1).to(q.dtype)
+        return torch.einsum("bvgtj,bjvd->btvgd", p0, v0).reshape(b, n, heads, d)
+    ck, cv = torch.stack(chain_k, dim=3), torch.stack(chain_v, dim=3)  # [B, n, kv, k, d]
+    sc = torch.einsum("btvgd,btvid->bvgti", qg, ck) * scale  # [B, kv, g, t, k]
+    p = torch.cat([s0, sc], dim=-1).float().softmax(-1).to(q.dtype)
+    p0, pc = p[..., :n], p[..., n:]
+    out = torch.einsum("bvgtj,bjvd->btvgd", p0, v0) + torch.einsum("bvgti,btvid->btvgd", pc, cv)
+    return out.reshape(b, n, heads, d)

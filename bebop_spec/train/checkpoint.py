@@ -31,6 +31,7 @@ _MUST_MATCH = (
     "seq_len",
     "seed",
     "max_chains",
+    "chain_context",
 )
 
 

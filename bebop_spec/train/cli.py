@@ -117,6 +117,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=8192, help="vocab chunk of the TV losses")
     p.add_argument("--layout", default="qwen3_next", choices=list(LAYOUTS))
     p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--chain-context", default="serve", choices=["serve", "causal"],
+                   help="attention context of the training chain: 'serve' = the engine's "
+                        "(one-layer heads), 'causal' = the older approximation")  # fmt: skip
     p.add_argument("--init-from", default=None,
                    help="'target' (the model's own head) or a head dir; default: fresh")  # fmt: skip
     p.add_argument("--save-every", type=int, default=200)
@@ -142,7 +145,8 @@ def cmd_train(argv: list[str]) -> int:
                       layout=args.layout, chunk_size=args.chunk_size, log_every=args.log_every,
                       num_layers=args.num_layers, max_chains=args.max_chains,
                       weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio,
-                      device=args.device, dtype=args.dtype)  # fmt: skip
+                      device=args.device, dtype=args.dtype,
+                      chain_context=args.chain_context)  # fmt: skip
     ckpt = cfg.out_dir / "checkpoint"
     if ckpt.exists() and args.overwrite:
         shutil.rmtree(ckpt)

@@ -170,6 +170,8 @@ def analytic_acceptance(
     from bebop_spec.train.chain import teacher_forced_chain
 
     head.eval()
+    # The engine's own attention context where the chain can mirror it (one-layer heads).
+    context = "serve" if head.num_layers == 1 else "causal"
     out = []
     for domain in domains:
         rows = _domain_rows(ds, domain, cfg.max_sequences)
@@ -178,7 +180,7 @@ def analytic_acceptance(
         for s in tqdm(starts, desc=f"analytic {domain}", disable=not progress, leave=False):
             batch = collate([ds.sequence(i) for i in rows[s : s + cfg.batch_size]], cfg.seq_len)
             ids, mask = batch.input_ids.to(cfg.device), batch.loss_mask.to(cfg.device)
-            chain = teacher_forced_chain(target, head, ids, mask, cfg.gamma)
+            chain = teacher_forced_chain(target, head, ids, mask, cfg.gamma, context=context)
             if chain.num_chains == 0:
                 continue
             for t in cfg.temperatures:

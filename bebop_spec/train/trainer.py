@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bebop_spec.train.chain import teacher_forced_chain
+from bebop_spec.train.chain import CONTEXTS, teacher_forced_chain
 from bebop_spec.train.checkpoint import load_checkpoint, save_checkpoint
 from bebop_spec.train.data import DistillDataset, iterate_batches, read_dataset
 from bebop_spec.train.losses import LOSSES, get_loss, soft_acceptance
@@ -61,6 +61,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     device: str = "cpu"
     dtype: str = "float32"  # target weights and the exported head; the head trains in float32
+    chain_context: str = "serve"  # what the head's attention sees in the chain (train/chain.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +82,12 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("dtype", self.dtype in _DTYPES, f"must be one of {sorted(_DTYPES)}"),
+            ("chain_context", self.chain_context in CONTEXTS, f"must be one of {CONTEXTS}"),
+            (
+                "chain_context",
+                self.chain_context != "serve" or self.num_layers == 1,
+                "needs a one-layer head (num_layers=1); use 'causal' for more layers",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -181,7 +188,8 @@ def chain_loss(
     subset (cfg.max_chains) is drawn from a generator seeded by (cfg.seed, step)."""
     ids, mask = batch.input_ids.to(cfg.device), batch.loss_mask.to(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    chain = teacher_forced_chain(target, head, ids, mask, cfg.gamma, cfg.max_chains, gen)
+    chain = teacher_forced_chain(target, head, ids, mask, cfg.gamma, cfg.max_chains, gen,
+                                 context=cfg.chain_context)  # fmt: skip
     loss = get_loss(cfg.loss)(
         chain.draft_logits, chain.target_logits, chain.labels, chain.mask, cfg.chunk_size
     )
