@@ -75,6 +75,48 @@ def test_logits_match_transformers(kind, tmp_path):
     assert loaded.mtp is None and loaded.tokenizer is None
 
 
+@pytest.mark.parametrize("kind", ["qwen3_yarn_untied", "qwen2_linear_tied", "llama_llama3_bias"])
+def test_fused_projections_match_and_follow_weight_updates(kind, tmp_path):
+    """fuse_projections (one q/k/v and one gate/up matmul, joint q/k norm + rotation) keeps
+    transformers' logits (max |Δ| < 1e-4, fp32) through the KV cache with consecutive slots
+    (the no-gather read path); an in-place update of q_proj / up_proj is seen by the fused
+    matmul; names are unchanged; with grad enabled the separate projections train."""
+    from bebop_spec.models.layers import fuse_projections
+
+    model = hf_model(kind)
+    model.save_pretrained(tmp_path)
+    target = load_model(tmp_path).target
+    names = set(target.state_dict())
+    fuse_projections(target)
+    assert set(target.state_dict()) == names
+    ids = torch.randint(
+        0, COMMON["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2)
+    )
+    pos = torch.arange(40).expand(2, 40)
+
+    def cached_logits() -> torch.Tensor:
+        cache = KVCache(2, 4, 48, 2, target.config.head_dim)
+        slots = torch.tensor([1, 2])  # consecutive: read by slicing the cache
+        with torch.inference_mode():
+            prefix = target(ids[:, :36], pos[:, :36], cache, slots)
+            steps = [
+                target(ids[:, t : t + 1], pos[:, t : t + 1], cache, slots) for t in range(36, 40)
+            ]
+            return target.compute_logits(torch.cat([prefix, *steps], 1))
+
+    with torch.no_grad():
+        assert (cached_logits() - model(ids).logits).abs().max().item() < TOL
+        g = torch.Generator().manual_seed(5)
+        for ours, theirs in ((target.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.q_proj),
+                             (target.model.layers[1].mlp.up_proj, model.model.layers[1].mlp.up_proj)):  # fmt: skip
+            new = torch.randn(ours.weight.shape, generator=g) * 0.2
+            ours.weight.copy_(new)
+            theirs.weight.copy_(new)
+        assert (cached_logits() - model(ids).logits).abs().max().item() < TOL
+    target.compute_logits(target(ids, pos)).sum().backward()  # grad on: unfused path
+    assert target.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 # ------------------------------------------------------------------------------------ config
 def test_config_reads_v5_and_legacy_rope_keys():
     """`rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling` parse identically."""

@@ -21,6 +21,7 @@ from bebop_spec.engine.scheduler import prefill_len
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.models import KVCache, LoadedModel
+from bebop_spec.models.layers import fuse_projections
 from bebop_spec.spec import (
     SamplingTensors,
     draft_tokens,
@@ -50,8 +51,8 @@ class StepResult:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
         self.config = config
-        self.target = loaded.target.eval()
-        self.mtp = loaded.mtp.eval() if loaded.mtp is not None else None
+        self.target = fuse_projections(loaded.target.eval())
+        self.mtp = fuse_projections(loaded.mtp.eval()) if loaded.mtp is not None else None
         self.device = torch.device(config.device)
         self.gamma = config.gamma
         self.mode = config.draft_mode

@@ -18,7 +18,11 @@ import torch
 
 
 class KVCache:
-    """Preallocated `k, v: [num_layers, num_slots, max_len + 1, n_kv_heads, head_dim]`."""
+    """Preallocated `k, v: [num_layers, num_slots, n_kv_heads, max_len + 1, head_dim]`.
+
+    Heads before positions, so a batch's keys read as `[B, kv, len, d]` — the layout attention
+    multiplies — without a transpose copy.
+    """
 
     def __init__(
         self,
@@ -35,7 +39,7 @@ class KVCache:
                             ("head_dim", head_dim)):  # fmt: skip
             if value <= 0:
                 raise ValueError(f"KVCache {name}={value} must be positive")
-        shape = (num_layers, num_slots, max_len + 1, n_kv_heads, head_dim)
+        shape = (num_layers, num_slots, n_kv_heads, max_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -71,8 +75,11 @@ class KVCache:
             raise ValueError("positions is empty")
         # Keys are gathered up to the furthest real position in the batch, never the scratch.
         furthest = positions.masked_fill(positions == self.scratch, -1).max()
-        stats = torch.stack([positions.min(), positions.max(), furthest, slots.min(), slots.max()])
-        lo, hi, last, slot_lo, slot_hi = stats.tolist()  # one host sync
+        steps = slots[1:] - slots[:-1]
+        in_order = (steps == 1).all() if steps.numel() else torch.ones((), dtype=torch.bool)
+        stats = torch.stack([positions.min(), positions.max(), furthest, slots.min(), slots.max(),
+                             in_order.to(torch.long, copy=True)])  # fmt: skip
+        lo, hi, last, slot_lo, slot_hi, in_order = stats.tolist()  # one host sync
         if lo < 0 or hi > self.scratch:
             raise ValueError(f"positions must lie in [0, {self.max_len}] (scratch={self.scratch})")
         if slot_lo < 0 or slot_hi >= self.num_slots:
@@ -84,7 +91,8 @@ class KVCache:
         mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         if positions.shape[1] == 1 and lo == hi == last:
             mask = None  # one token per row, all at the last gathered column: every key visible
-        return CacheView(self, slots, positions, kv_len, mask)
+        first = slot_lo if in_order else None  # consecutive slots: read a view, not a gather
+        return CacheView(self, slots, positions, kv_len, mask, first)
 
 
 @dataclass
@@ -96,16 +104,21 @@ class CacheView:
     positions: torch.Tensor  # [B, T]
     kv_len: int  # columns 0..kv_len-1 are read
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, True = attend; None = attend all
+    first_slot: int | None = None  # slots are first_slot, first_slot+1, ...: read by slicing
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v[B,T,kv,d] at cache[layer, slots[b], positions[b,t]]."""
+        """Store k, v[B,T,kv,d] at cache[layer, slots[b], :, positions[b,t]]."""
         rows = self.slots[:, None].expand_as(self.positions)
-        index = (rows, self.positions)
-        self.cache.k[layer].index_put_(index, k.to(self.cache.k.dtype))
-        self.cache.v[layer].index_put_(index, v.to(self.cache.v.dtype))
+        # Indices split by a slice: the indexed dims [B, T] come first, then kv, d — k's shape.
+        self.cache.k[layer][rows, :, self.positions] = k.to(self.cache.k.dtype)
+        self.cache.v[layer][rows, :, self.positions] = v.to(self.cache.v.dtype)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v[B, kv_len, kv, d] of this batch's slots (a copy; narrow first, then gather)."""
-        k = self.cache.k[layer, :, : self.kv_len].index_select(0, self.slots)
-        v = self.cache.v[layer, :, : self.kv_len].index_select(0, self.slots)
-        return k, v
+        """k, v[B, kv, kv_len, d] of this batch's slots: a view when the slots are consecutive,
+        else a gathered copy."""
+        k = self.cache.k[layer, :, :, : self.kv_len]
+        v = self.cache.v[layer, :, :, : self.kv_len]
+        if self.first_slot is not None:
+            n = self.slots.shape[0]
+            return k.narrow(0, self.first_slot, n), v.narrow(0, self.first_slot, n)
+        return k.index_select(0, self.slots), v.index_select(0, self.slots)

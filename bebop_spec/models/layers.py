@@ -30,8 +30,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if x.dtype == torch.float32:  # the common case without the no-op casts
+            h = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+            return h * (1.0 + self.weight) if self.zero_centered else self.weight * h
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x̂ = x / rms(x), float32
         if self.zero_centered:
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
@@ -111,8 +113,9 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x[B,T,heads,d] rotated by cos, sin[B,T,d]: x·cos + rotate_half(x)·sin."""
-    cos = cos[:, :, None].to(x.dtype)
-    sin = sin[:, :, None].to(x.dtype)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    if x.dtype != cos.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -139,27 +142,45 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv: FusedLinear | None = None  # set by fuse_projections (inference only)
+
+    def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Inference path, same numbers as the separate one with a third of the ops: one
+        matmul for q/k/v, one q/k-norm over the q and k heads together, one rotation."""
+        b, t, _ = x.shape
+        nq = self.n_heads + self.n_kv
+        qkv = self.qkv(x).view(b, t, nq + self.n_kv, self.head_dim)
+        qk, v = qkv[:, :, :nq], qkv[:, :, nq:]
+        if self.q_norm is not None:
+            d = self.head_dim
+            w = torch.cat((self.q_norm.weight.expand(self.n_heads, d),
+                           self.k_norm.weight.expand(self.n_kv, d)))  # fmt: skip
+            qk = w * F.rms_norm(qk.float(), (d,), eps=self.q_norm.eps).to(qk.dtype)
+        qk = apply_rotary(qk, cos, sin)
+        return qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 view: CacheView | None = None) -> torch.Tensor:  # fmt: skip
         """x[B,T,H] -> [B,T,H]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv is not None and not torch.is_grad_enabled():
+            q, k, v = self._fused_qkv(x, cos, sin)
+        else:
+            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+            v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if view is None:
-            mask, causal = None, True
+            k, v, mask, causal = k.transpose(1, 2), v.transpose(1, 2), None, True
         else:
             view.write(self.layer_idx, k, v)
-            k, v = view.read(self.layer_idx)  # [B, kv_len, n_kv, d]
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            mask, causal = view.mask, False
+            k, v = view.read(self.layer_idx)  # [B, n_kv, kv_len, d]: heads-first already
+            k, v, mask, causal = k.to(q.dtype), v.to(q.dtype), view.mask, False
         # GQA without materialising repeated K/V: SDPA broadcasts kv heads over query groups.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2), attn_mask=mask,
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
                                              is_causal=causal,
                                              enable_gqa=self.n_heads != self.n_kv)  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -174,9 +195,60 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_up: FusedLinear | None = None  # set by fuse_projections (inference only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FusedLinear:
+    """Several nn.Linear sharing one input, run as one matmul over their stacked weights.
+
+    The stacked weight owns the storage and the original Parameters are rebound as views
+    into it, so names, state_dict and in-place weight updates (`param.copy_`) are unchanged
+    and the fused matmul always sees the current values. One [N,H] matmul instead of three
+    (q/k/v) or two (gate/up) halves the linear time of a decode step on CPU. Not a Module:
+    it must not appear in state_dict or parameters().
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.weight = _stack_and_rebind(linears, "weight")
+        has_bias = [lin.bias is not None for lin in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("FusedLinear: either every projection has a bias or none")
+        self.bias = _stack_and_rebind(linears, "bias") if all(has_bias) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _stack_and_rebind(linears: list[nn.Linear], attr: str) -> torch.Tensor:
+    parts = [getattr(lin, attr) for lin in linears]
+    stacked = torch.cat([p.detach() for p in parts], dim=0)
+    start = 0
+    for lin, p in zip(linears, parts, strict=True):
+        n = p.shape[0]
+        setattr(lin, attr, nn.Parameter(stacked[start : start + n], requires_grad=p.requires_grad))
+        start += n
+    return stacked
+
+
+def fuse_projections(module: nn.Module) -> nn.Module:
+    """Fuse q/k/v and gate/up of every Attention / MLP in `module` for inference (in place).
+
+    Call after the module's final `.to(device, dtype)` (which would reallocate the views).
+    The fused path runs only when autograd is off; with grad enabled the separate
+    projections run, so training a fused module still works.
+    """
+    for m in module.modules():
+        if isinstance(m, Attention) and m.qkv is None:
+            m.qkv = FusedLinear([m.q_proj, m.k_proj, m.v_proj])
+        elif isinstance(m, MLP) and m.gate_up is None:
+            m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
+    return module
 
 
 class DecoderLayer(nn.Module):
