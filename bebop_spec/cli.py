@@ -11,6 +11,7 @@ bebop analyze ...                      acceptance-vs-entropy analysis
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -105,6 +106,9 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Idle OpenMP threads sleep instead of spinning: with spinning, torch on a small shared
+    # CPU runs up to 5x slower (docs/engines.md). Read once when torch loads, hence here.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: bebop <command> [args]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():

@@ -37,6 +37,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     a("--served-model-name", default=None, help="model name in the API (default: directory name)")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a("--device", default="cpu")
+    a(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is fastest on a 2-vCPU VM)",
+    )
     a("--seed", type=int, default=0)
     a("--max-n", type=int, default=64, help="most samples per prompt")
     a("--max-body-mb", type=float, default=16, help="largest JSON request body")
@@ -70,6 +76,7 @@ def build_configs(args: argparse.Namespace):
         draft_mode=None if args.draft_mode == "none" else args.draft_mode,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
+        threads=args.threads,
     )  # fmt: skip
     default_name = "bebop-demo" if args.model is None else Path(model).resolve().name
     name = args.served_model_name or default_name

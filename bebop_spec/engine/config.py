@@ -20,6 +20,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     enforce_no_mtp: bool = False
+    threads: int | None = None  # torch intra-op CPU threads (process-wide); None: leave as is
 
     def __post_init__(self) -> None:
         if self.draft_mode in ("none", ""):
@@ -34,6 +35,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1 (or None)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
 

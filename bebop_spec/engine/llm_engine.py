@@ -26,6 +26,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         if loaded is None:
             loaded = load_model(config.model, mtp=config.mtp, dtype=_DTYPES[config.dtype],
                                 device=config.device)  # fmt: skip
