@@ -22,11 +22,11 @@ What the head's attention sees (`context`):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bebop_spec.models.layers import apply_rotary
@@ -37,6 +37,7 @@ __all__ = [
     "ChainOutput",
     "complete_chain_starts",
     "select_starts",
+    "serve_attention",
     "teacher_forced_chain",
 ]
 
@@ -188,21 +189,19 @@ def serve_attention(
     0..n-1), chain_k, chain_v: k tensors [B,n,kv,d] (start t's own keys of steps 1..k)
     -> out[B,n,heads,d].
 
-    softmax over [k0_j for j <= t] ++ [chain keys of t]; scale 1/sqrt(d) as SDPA; GQA: query
-    head h reads kv head h // (heads / kv)."""
-    b, n, heads, d = q.shape
-    kv = k0.shape[2]
-    qg = q.view(b, n, kv, heads // kv, d)
-    scale = 1.0 / math.sqrt(d)
-    s0 = torch.einsum("btvgd,bjvd->bvgtj", qg, k0) * scale  # [B, kv, g, t, j]
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # key j <= start t
-    s0 = s0.masked_fill(~causal, float("-inf"))
-    if not chain_k:
-        p0 = s0.float().softmax(-1).to(q.dtype)
-        return torch.einsum("bvgtj,bjvd->btvgd", p0, v0).reshape(b, n, heads, d)
-    ck, cv = torch.stack(chain_k, dim=3), torch.stack(chain_v, dim=3)  # [B, n, kv, k, d]
-    sc = torch.einsum("btvgd,btvid->bvgti", qg, ck) * scale  # [B, kv, g, t, k]
-    p = torch.cat([s0, sc], dim=-1).float().softmax(-1).to(q.dtype)
-    p0, pc = p[..., :n], p[..., n:]
-    out = torch.einsum("bvgtj,bjvd->btvgd", p0, v0) + torch.einsum("bvgti,btvid->btvgd", pc, cv)
-    return out.reshape(b, n, heads, d)
+    One SDPA over the keys [k0 | chain step 1 | ... | chain step k] ([B, kv, (k+1)·n, d]) with
+    the mask: k0_j visible to start t iff j <= t, chain key (i, t') iff t' == t. SDPA's own
+    scale and GQA (query head h reads kv head h // (heads / kv)), as the engine's attention."""
+    n, heads, kv = q.shape[1], q.shape[2], k0.shape[2]
+    if chain_k:
+        idx = torch.arange(n, device=q.device)
+        own = idx[None, :] == idx[:, None]  # [t, t']: the start's own chain key
+        mask = torch.cat([idx[None, :] <= idx[:, None]] + [own] * len(chain_k), dim=1)
+        causal = False
+    else:  # step 0: a plain causal pass
+        mask, causal = None, True
+    keys = torch.cat([k0, *chain_k], dim=1).transpose(1, 2)
+    values = torch.cat([v0, *chain_v], dim=1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                         is_causal=causal, enable_gqa=heads != kv)  # fmt: skip
+    return out.transpose(1, 2)
