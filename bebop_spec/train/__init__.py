@@ -96,9 +96,10 @@ def demo_head_stage(target_dir: Path, out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
-# The demo build retrains the head when this changes (see demo/build.py `_head_key`).
+# The demo build retrains the head when this changes (see demo/build.py `_head_key`);
+# v2: the chain trains in the serving attention context (train/chain.py, context="serve").
 demo_head_stage.cache_key = (
-    f"e2e_tv-g3-s{DEMO_STEPS}-w{DEMO_WARM_STEPS}-p{DEMO_PROMPTS}-t{DEMO_MAX_TOKENS}-v1"
+    f"e2e_tv-g3-s{DEMO_STEPS}-w{DEMO_WARM_STEPS}-p{DEMO_PROMPTS}-t{DEMO_MAX_TOKENS}-serve-v2"
 )
 
 __all__ = ["DEMO_STEPS", "demo_head_stage", "train_demo_head"]
