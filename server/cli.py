@@ -41,7 +41,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: torch's choice; 1 is fastest on a 2-vCPU VM)",
+        help="torch CPU threads, process-wide (default: torch's choice)",
     )
     a("--seed", type=int, default=0)
     a("--max-n", type=int, default=64, help="most samples per prompt")

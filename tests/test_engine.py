@@ -160,3 +160,5 @@ def test_bad_requests(llms, tiny_model):
         llm.generate([[1, 64]], SamplingParams())
     with pytest.raises(ValueError, match="draft_mode"):
         LLM(str(tiny_model), draft_mode="greedy")
+    with pytest.raises(ValueError, match="threads"):
+        LLM(str(tiny_model), threads=0)
