@@ -16,7 +16,7 @@ from torch import nn
 
 from bebop_spec.models.config import ModelConfig
 from bebop_spec.models.kv_cache import KVCache
-from bebop_spec.models.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from bebop_spec.models.layers import DecoderLayer, RMSNorm, RotaryEmbedding, linear
 
 
 def run_layers(
@@ -96,4 +96,6 @@ class DenseDecoder(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden[..., H] -> logits[..., V] in float32."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        if torch.is_grad_enabled():
+            return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight).float()
