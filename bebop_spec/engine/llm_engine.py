@@ -11,7 +11,7 @@ import torch
 
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
-from bebop_spec.engine.postprocess import append_step
+from bebop_spec.engine.postprocess import append_step, refresh_text
 from bebop_spec.engine.runner import ModelRunner, StepResult
 from bebop_spec.engine.scheduler import Scheduler
 from bebop_spec.engine.sequence import Sequence
@@ -208,7 +208,7 @@ class LLMEngine:
 
     def _output(self, request_id: str) -> RequestOutput:
         seqs = self.requests[request_id]
-        out = RequestOutput(request_id, self.prompts[request_id], [s.to_output() for s in seqs])
+        out = RequestOutput(request_id, self.prompts[request_id], self._completions(seqs))
         if out.finished:
             self._pop_output(request_id)
         return out
@@ -216,7 +216,12 @@ class LLMEngine:
     def _pop_output(self, request_id: str) -> RequestOutput:
         seqs = self.requests.pop(request_id)
         prompt = self.prompts.pop(request_id)
-        return RequestOutput(request_id, prompt, [s.to_output() for s in seqs])
+        return RequestOutput(request_id, prompt, self._completions(seqs))
+
+    def _completions(self, seqs: list[Sequence]) -> list:
+        for s in seqs:
+            refresh_text(s, self.tokenizer)
+        return [s.to_output() for s in seqs]
 
     # ------------------------------------------------------------------ weights
     def weight_spec(self, selector: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -32,12 +32,17 @@ def append_step(
             break
         if params.stop and tokenizer is not None and _check_stop_string(seq, tokenizer):
             break
-    if tokenizer is not None:
-        if seq.is_finished and isinstance(seq.stop_reason, str):
-            pass  # text already truncated at the stop string
-        else:
-            seq.text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
     return kept
+
+
+def refresh_text(seq: Sequence, tokenizer: Any | None) -> None:
+    """Detokenise lazily, when an output is built (every step when streaming, once at the
+    end offline) instead of after every step."""
+    if tokenizer is None or seq.text_tokens == len(seq.token_ids):
+        return
+    if not (seq.is_finished and isinstance(seq.stop_reason, str)):  # else: cut at the stop
+        seq.text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+    seq.text_tokens = len(seq.token_ids)
 
 
 def _check_token_stop(seq: Sequence, tok: int, eos_ids: set[int], max_model_len: int) -> bool:

@@ -71,6 +71,8 @@ class ModelRunner:
                 self.mtp.num_layers, config.max_num_seqs, cache_len,
                 mc.num_key_value_heads, mc.head_dim, dtype, self.device,
             )  # fmt: skip
+        self._sampling_key: tuple[int, ...] = ()
+        self._sampling_cached: SamplingTensors | None = None
 
     @property
     def speculative(self) -> bool:
@@ -88,7 +90,13 @@ class ModelRunner:
         return torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
 
     def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
-        return SamplingTensors.from_params([s.params for s in seqs], self.device)
+        """The batch's sampling tensors, rebuilt only when the batch's membership changes."""
+        key = tuple(s.seq_id for s in seqs)
+        if key != self._sampling_key:
+            self._sampling_cached = SamplingTensors.from_params([s.params for s in seqs],
+                                                                self.device)  # fmt: skip
+            self._sampling_key = key
+        return self._sampling_cached
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -176,12 +184,11 @@ class ModelRunner:
 
         n_new = num_acc + 1
         results = self._records(seqs, logits, p, tokens, n_new)
-        h_p = entropy(p[:, :gamma]).tolist()  # [B][γ]
         for b, (s, r) in enumerate(zip(seqs, results, strict=True)):
             a = int(num_acc[b])
             r.num_accepted = a
-            n_verified = min(a + 1, gamma)
-            r.verified_entropies = h_p[b][:n_verified]
+            n_verified = min(a + 1, gamma)  # r.entropies covers positions 0..a of p
+            r.verified_entropies = r.entropies[:n_verified]
             r.verified_accepted = [True] * a + [False] * (n_verified - a)
             s.mtp_cached = s.num_cached
             s.num_cached += a + 1

@@ -43,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""
+    text_tokens: int = 0  # how many of token_ids `text` reflects (postprocess.refresh_text)
     slot: int | None = None
     num_cached: int = 0
     mtp_cached: int = 0
