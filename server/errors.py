@@ -83,7 +83,11 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     if first.get("type") == "json_invalid":
         return ApiError(400, f"malformed JSON body: {first.get('msg', '')}").response()
     parts = [f"{_loc(e) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]]
-    return ApiError(400, "; ".join(parts), param=_loc(first) or None).response()
+    err = ApiError(400, "; ".join(parts), param=_loc(first) or None)
+    if request.url.path.startswith("/v1/"):
+        return err.response()
+    # SGLang-native routes: also SGLang's own {"success": false, "message"} fields
+    return err.response({"success": False, "message": err.message})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -85,6 +85,7 @@ def test_update_from_disk(http, models):
         "pickle_json",
         "missing_dir",
         "no_group",
+        "both_forms",
     ],
 )
 def test_malformed_update_changes_nothing(http, models, case):
@@ -117,6 +118,9 @@ def test_malformed_update_changes_nothing(http, models, case):
         r = http.post("/update_weights_from_tensor", json={"serialized_named_tensors": [blob]})
     elif case == "missing_dir":
         r = http.post("/update_weights_from_disk", json={"model_path": "/nonexistent/dir"})
+    elif case == "both_forms":  # singular (old SGLang) and plural fields together
+        r = http.post("/update_weights_from_distributed",
+                      json={"names": [name], "dtypes": ["float32"], "shapes": [[1]], "name": name})  # fmt: skip
     else:
         r = http.post("/update_weights_from_distributed",
                       json={"names": [name], "dtypes": ["float32"], "shapes": [[1]], "group_name": "nope"})  # fmt: skip
@@ -174,7 +178,12 @@ def update(named, version, flat):
 bad = dict(tensors); bad["model.layers.42.bogus.weight"] = torch.zeros(4)
 update(bad, "bad", False)                                            # refused, group still usable
 update({k: v.to(torch.bfloat16) for k, v in tensors.items()}, "bf16", True)  # bucket, cast to fp32
-update(tensors, "gloo-1", False)                                     # one broadcast per tensor
+update(tensors, "gloo-0", False)                                     # one broadcast per tensor
+first = next(iter(tensors))                                          # older single-tensor form
+t = threading.Thread(target=post, args=("/update_weights_from_distributed", {"name": first,
+    "dtype": "float32", "shape": list(tensors[first].shape), "group_name": "wg",
+    "weight_version": "gloo-1", "selector": "target"})); t.start()
+dist.broadcast(tensors[first], src=0, group=pg); t.join()
 post("/destroy_weights_update_group", {"group_name": "wg"})
 dist.destroy_process_group(pg)
 print(json.dumps([(route, r.status_code, r.json()) for route, r in results]))
@@ -184,7 +193,8 @@ print(json.dumps([(route, r.status_code, r.json()) for route, r in results]))
 def test_update_over_gloo_group(server, http, models):
     """A trainer process forms the group as SGLang's init_custom_process_group (rank 0) and
     broadcasts: a bad bucket is refused without desynchronising the group, a flattened bf16
-    bucket and a per-tensor update are applied; greedy output = offline new weights."""
+    bucket, a per-tensor update and one in the older single-tensor form (name/dtype/shape,
+    as SkyRL sends) are applied; greedy output = offline new weights."""
     port = free_port()
     proc = subprocess.run([sys.executable, "-c", TRAINER, server[0].url, str(port), str(models[1] / "model.safetensors")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -193,7 +203,7 @@ def test_update_over_gloo_group(server, http, models):
     assert [(route, code) for route, code, _ in res] == [
         ("/init_weights_update_group", 200), ("/update_weights_from_distributed", 400),
         ("/update_weights_from_distributed", 200), ("/update_weights_from_distributed", 200),
-        ("/destroy_weights_update_group", 200),
+        ("/update_weights_from_distributed", 200), ("/destroy_weights_update_group", 200),
     ]  # fmt: skip
     assert "bogus" in res[1][2]["message"]
     assert version(http) == "gloo-1"

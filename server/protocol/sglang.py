@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Selector = Literal["target", "draft", "all"]
 
@@ -101,6 +101,10 @@ class DestroyWeightsUpdateGroupRequest(_Admin):
 
 
 class UpdateWeightsFromDistributedRequest(_Admin):
+    """Lists of names / dtypes / shapes, one broadcast each (or one flattened bucket). The
+    single-tensor form of older SGLang releases, still sent by some trainers (SkyRL):
+    `name`, `dtype`, `shape` — accepted and read as one-element lists."""
+
     names: list[str]
     dtypes: list[str]
     shapes: list[list[int]]
@@ -111,6 +115,19 @@ class UpdateWeightsFromDistributedRequest(_Admin):
     load_format: str | None = None  # None | "flattened_bucket"
     selector: Selector = "all"
     torch_empty_cache: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _singular_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not {"name", "dtype", "shape"} & data.keys():
+            return data
+        if {"names", "dtypes", "shapes"} & data.keys():
+            raise ValueError("send either name/dtype/shape or names/dtypes/shapes, not both")
+        data = dict(data)
+        for one, many in (("name", "names"), ("dtype", "dtypes"), ("shape", "shapes")):
+            if one in data:
+                data[many] = [data.pop(one)]
+        return data
 
 
 class UpdateWeightsFromTensorRequest(_Admin):
