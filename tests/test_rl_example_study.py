@@ -59,9 +59,9 @@ def test_summaries_fits_targets_and_report(study, tmp_path):
     assert "fit_positions" not in summaries["none"] and "drift_pts" not in summaries["none"]
     met = {t["target"].split(" (")[0]: t["met"] for t in study.check_targets(summaries)}
     assert all(met.values()) and len(met) == 3
-    md = study.table(summaries)
+    md = study.table(summaries, {n: c.label for n, c in study.CONFIGS.items()})
     assert md.count("\n") == 4 and "rs + e2e-TV head" in md and "2.00×" in md
-    study.plot(runs, summaries, tmp_path)
+    study.plot(runs, summaries, tmp_path, {n: c.label for n, c in study.CONFIGS.items()})
     assert (tmp_path / "rl_study.png").exists() and (
         tmp_path / "acceptance_vs_entropy.png"
     ).exists()
