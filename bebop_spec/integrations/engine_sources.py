@@ -8,9 +8,11 @@ Layout under the cache dir ($BEBOP_ENGINE_CACHE, default ~/.cache/bebop/engines)
   wheels/                         the pinned wheels (`pip download --no-deps`)
   <engine>-<version>/pristine/    the wheel's Python tree (compiled extensions left out)
   <engine>-<version>/patched/     the same with `bebop patch` applied
-  venv-<engine>/                  --system-site-packages venv (this Python's torch) plus the
-                                  engine's light, pure-Python dependencies, installed with
-                                  --no-deps so torch is never replaced
+  venv-<engine>/                  a venv whose `bebop-host.pth` appends the *running*
+                                  interpreter's site-packages (its pinned torch, numpy, fastapi,
+                                  transformers …), plus the engine's light, pure-Python
+                                  dependencies, resolved by pip under a constraint that pins
+                                  torch and numpy to the host's versions (never replaced)
 
 Nothing here installs vLLM or SGLang into an environment: the trees are only put on
 PYTHONPATH by the tests, which is enough to import their modules on CPU.
@@ -29,15 +31,18 @@ from pathlib import Path
 
 from bebop_spec.patching import PINNED, run
 
-# Pure-Python (or self-contained) packages the patched modules import at load time,
-# found by importing them in a bare venv; torch, numpy, fastapi, pydantic, transformers'
-# own dependencies and prometheus_client come from the host environment.
-_COMMON = "aiohttp aiosignal aiohappyeyeballs frozenlist multidict propcache yarl msgspec psutil"
+# Light packages the patched modules import at load time, found by importing them in a venv
+# that sees only this project's environment; pip resolves their own dependencies. torch,
+# numpy, fastapi, pydantic and prometheus_client come from the host environment.
+_COMMON = (
+    "attrs ipython aiohttp aiosignal aiohappyeyeballs frozenlist multidict propcache yarl "
+    "msgspec psutil"
+)
 LIGHT_DEPS = {
     "vllm": (
         f"{_COMMON} apache-tvm-ffi==0.1.11 blake3 cachetools cbor2 einops ijson llguidance "
         "openai openai-harmony partial-json-parser py-cpuinfo pybase64 python-json-logger "
-        "pyzmq regex sentencepiece setproctitle tiktoken xgrammar==0.2.8 cloudpickle"
+        "pyzmq regex sentencepiece setproctitle tiktoken uvloop xgrammar==0.2.8 cloudpickle"
     ).split()
     + ["transformers>=5.16.1,<5.21"],
     "sglang": (
@@ -101,15 +106,45 @@ def extract(wheel: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
+def host_site_packages() -> list[str]:
+    """The running interpreter's site-packages (purelib and platlib), where its torch lives.
+
+    `--system-site-packages` would expose the *base* interpreter's packages instead: run from a
+    venv (as CI does), that is the bare system Python, which has no torch on a fresh machine.
+    """
+    import sysconfig
+
+    paths = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    return sorted(p for p in paths if p and Path(p).is_dir())
+
+
+def host_pins() -> str:
+    """pip constraints holding the heavy host packages at the versions this interpreter has."""
+    from importlib.metadata import version
+
+    return "".join(f"{name}=={version(name)}\n" for name in ("torch", "numpy"))
+
+
 def make_venv(engine: str, base: Path) -> Path:
+    """A venv for importing the patched engine: its own light dependencies first on sys.path,
+    then (through a .pth file, so after them) this interpreter's site-packages."""
     py = venv_python(engine, base)
     if not py.exists():
-        subprocess.run(
-            [sys.executable, "-m", "venv", "--system-site-packages", str(py.parent.parent)],
-            check=True,
-        )
+        subprocess.run([sys.executable, "-m", "venv", str(py.parent.parent)], check=True)
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(site) / "bebop-host.pth").write_text("\n".join(host_site_packages()) + "\n")
+    check = subprocess.run([str(py), "-c", "import torch; print(torch.__version__)"],
+                           capture_output=True, text=True)  # fmt: skip
+    if check.returncode:
+        raise SystemExit(f"venv-{engine} cannot import torch from {host_site_packages()}:\n"
+                         f"{check.stderr.strip()}")  # fmt: skip
+    pins = py.parent.parent / "host-constraints.txt"
+    pins.write_text(host_pins())
     subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", *LIGHT_DEPS[engine]], check=True
+        [str(py), "-m", "pip", "install", "-q", "-c", str(pins), *LIGHT_DEPS[engine]], check=True
     )
     if engine == "sglang" and _cpu_only_torch():
         shim = shim_dir(base) / "torchvision"
