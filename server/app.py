@@ -16,7 +16,7 @@ from server.auth import AdminGateMiddleware, admin_paths
 from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.errors import install_error_handlers
-from server.middleware import BodyLimitMiddleware
+from server.middleware import BodyLimitMiddleware, FaultMiddleware
 from server.routes.openai import openai_router
 from server.routes.sglang import sglang_router
 from server.routes.weights import weights_router
@@ -53,4 +53,5 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(AdminGateMiddleware, config=config, paths=admin_paths(routers))
+    app.add_middleware(FaultMiddleware)  # outermost of ours: catches what the others raise
     return app

@@ -7,7 +7,6 @@ only a genuine server fault is a 500 (logged with its traceback).
 from __future__ import annotations
 
 import json
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +14,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bebop_spec.engine.async_engine import EngineStepError
-
-logger = logging.getLogger("bebop.server")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -109,11 +106,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineStepError)
     async def _step_failed(request: Request, exc: EngineStepError) -> JSONResponse:
-        # A handled 500 (not the catch-all below, which Starlette re-raises to the server,
-        # so uvicorn logged it as an ASGI crash and could reset the connection).
+        # A handled 500; other faults are answered by server.middleware.FaultMiddleware.
         return ApiError(500, str(exc), code="engine_step_failed").response()
-
-    @app.exception_handler(Exception)
-    async def _fault(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return ApiError(500, f"internal error: {type(exc).__name__}").response()

@@ -2,7 +2,9 @@
 
 Sources: the engine calls `observe_step` after every step (engine thread; prometheus-client
 is thread-safe); the serving layer wraps each request's output stream in `track` for
-TTFT / inter-token / end-to-end latency; weight sync reports `observe_weight_sync`.
+TTFT / inter-token / end-to-end latency, and reports `succeeded` once a reply is written
+out or `failed` when the request ends in an error (so a reply that could not be built is
+never a success); weight sync reports `observe_weight_sync`.
 Each app owns its registry, so several servers can live in one process (tests).
 """
 
@@ -112,7 +114,15 @@ class ServerMetrics:
             "inter_token_latency_seconds", "Time per output token after the first.", LATENCY_BUCKETS
         )
         self.e2e = hist("e2e_request_latency_seconds", "Request latency.", LATENCY_BUCKETS)
-        self.request_success = counter("request_success", "Finished samples.", ("finished_reason",))
+        self.request_success = counter(
+            "request_success", "Samples whose reply was delivered.", ("finished_reason",)
+        )
+        self.request_failure = counter(
+            "request_failure",
+            "Generation requests that ended in an error, by stage (input_processing: before "
+            "generation started; generation: after) and HTTP status (in-band errors: 500).",
+            ("stage", "code"),
+        )
 
         self.running.labels(model_name).set_function(lambda: engine.num_running)
         self.waiting.labels(model_name).set_function(lambda: engine.num_waiting)
@@ -171,11 +181,20 @@ class ServerMetrics:
                     last, seen = now, total
                 if out.finished:
                     self.e2e.labels(m).observe(now - arrival)
-                    for o in out.outputs:
-                        self.request_success.labels(m, o.finish_reason or "abort").inc()
                 yield out
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def succeeded(self, finals: list[RequestOutput]) -> None:
+        """The reply carrying these finished requests was written out: count its samples."""
+        for out in finals:
+            for o in out.outputs:
+                self.request_success.labels(self._m, o.finish_reason or "abort").inc()
+
+    def failed(self, stage: str, code: int) -> None:
+        """A generation request ended in an error instead of a reply (stage as vLLM's
+        `request_failure`: input_processing or generation)."""
+        self.request_failure.labels(self._m, stage, str(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

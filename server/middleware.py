@@ -1,16 +1,21 @@
-"""Request-body bound (HTTP 413) as a plain ASGI middleware, independent of framework versions.
+"""Plain ASGI middlewares, independent of framework versions.
 
-A declared Content-Length over the limit is refused before the app runs; a body that grows
-past it while streaming gets a 413 and the app sees the client as gone.
+BodyLimitMiddleware: a declared Content-Length over the limit is refused (413) before the
+app runs; a body that grows past it while streaming gets a 413 and the app sees the client
+as gone. FaultMiddleware: an unhandled exception becomes a logged 500 without crashing the
+connection.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from server.errors import ApiError
+
+logger = logging.getLogger("bebop.server")
 
 
 class BodyLimitMiddleware:
@@ -62,3 +67,31 @@ async def _reject(send: Callable, limit: int) -> None:
                (b"connection", b"close")]  # fmt: skip
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class FaultMiddleware:
+    """A server fault answers a handled 500 `{"error": ...}` and is logged once. Starlette's
+    own last-resort handler re-raises to uvicorn after replying, which logged an ASGI crash
+    and reset the keep-alive connection, so the client's *next* request failed too."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            logger.exception("unhandled error on %s", scope.get("path"))
+            if not started:
+                err = ApiError(500, f"internal error: {type(exc).__name__}")
+                await err.response()(scope, receive, send)

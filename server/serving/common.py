@@ -22,6 +22,14 @@ from server.errors import ApiError, bad_request
 T = TypeVar("T")
 
 UNSUPPORTED_MSG = "{name} is not supported by this server (only the default {default!r})"
+# log 0 as vLLM writes it: −∞ is not JSON (Python's json refuses it, orjson writes null).
+LOGPROB_FLOOR = -9999.0
+
+
+def json_logprob(lp: float) -> float:
+    """A logprob JSON can carry: −∞ (an alternative that top-k / top-p / T = 0 gave
+    probability 0) and NaN become LOGPROB_FLOOR; anything above it passes unchanged."""
+    return lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def reject_unsupported(fields: dict[str, tuple[Any, Any]]) -> None:
@@ -251,7 +259,10 @@ except ImportError:  # pragma: no cover - orjson is optional
 
 class FastJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return dumps(content)
+        try:
+            return dumps(content)
+        except (TypeError, ValueError) as exc:  # a handled 500, never an ASGI crash
+            raise ApiError(500, f"reply is not valid JSON: {exc}", code="invalid_reply") from exc
 
 
 def sse(payload: Any) -> bytes:

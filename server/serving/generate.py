@@ -187,26 +187,38 @@ class GenerateServing:
 
     # -------------------------------------------------------------- serving
     async def generate(self, req: GenerateRequest, raw: Request) -> Response:
-        items, single = self._items(req)
-        arrival = time.perf_counter()
-        streams = [self._stream_of(it, arrival) for it in items]
+        stage = "input_processing"
         try:
-            streams = await cancel_on_disconnect(raw, start_streams(streams))
+            items, single = self._items(req)
+            arrival = time.perf_counter()
+            streams = await self._start(raw, [self._stream_of(it, arrival) for it in items])
+            stage = "generation"
+            fmt = GenerateFormatter(
+                self, items, req.return_text_in_logprobs, req.return_prompt_token_ids, arrival
+            )
+            if req.stream:  # the stream counts its own outcome
+                return SSEResponse(self._events(fmt, streams, len(items) > 1 or not single))
+            finals = await cancel_on_disconnect(
+                raw, asyncio.gather(*(last_item(s) for s in streams))
+            )
+            outs = [d for i, f in enumerate(finals) for d in fmt.outputs(i, f)]
+            for d in outs:
+                del d["_index"]
+            reply = FastJSONResponse(outs[0] if single else outs)
+        except Exception as exc:
+            self.metrics.failed(stage, exc.status if isinstance(exc, ApiError) else 500)
+            raise
+        self.metrics.succeeded(finals)
+        return reply
+
+    async def _start(self, raw: Request, streams: list) -> list:
+        try:
+            return await cancel_on_disconnect(raw, start_streams(streams))
         except EngineOverloaded as exc:
             raise ApiError(503, str(exc) or "server overloaded",
                            headers={"Retry-After": str(self.config.retry_after_s)}) from exc  # fmt: skip
         except InvalidRequest as exc:
             raise bad_request(str(exc)) from exc
-        fmt = GenerateFormatter(
-            self, items, req.return_text_in_logprobs, req.return_prompt_token_ids, arrival
-        )
-        if req.stream:
-            return SSEResponse(self._events(fmt, streams, len(items) > 1 or not single))
-        finals = await cancel_on_disconnect(raw, asyncio.gather(*(last_item(s) for s in streams)))
-        outs = [d for i, f in enumerate(finals) for d in fmt.outputs(i, f)]
-        for d in outs:
-            del d["_index"]
-        return FastJSONResponse(outs[0] if single else outs)
 
     async def _stream_of(self, it: _Item, arrival: float) -> AsyncIterator[RequestOutput]:
         if it.params is None:  # max_new_tokens == 0: a finished, empty completion
@@ -226,13 +238,21 @@ class GenerateServing:
     async def _events(
         self, fmt: GenerateFormatter, streams: list, indexed: bool
     ) -> AsyncIterator[bytes]:
+        finals: dict[int, RequestOutput] = {}
         try:
             async for i, out in merge_streams(streams):
+                finals[i] = out
                 for d in fmt.outputs(i, out):
                     index = d.pop("_index")
                     yield sse(d | {"index": index} if indexed else d)
-        except Exception as exc:  # the reply has started: report in-band
+        except GeneratorExit:  # the client hung up mid-stream
+            self.metrics.failed("generation", 499)
+            raise
+        except Exception as exc:  # the reply has started: in-band, as SGLang ({"error": ...})
+            self.metrics.failed("generation", 500)
             yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+        else:
+            self.metrics.succeeded(list(finals.values()))
         yield SSE_DONE
 
     async def abort(self, rid: str | list[str] | None, abort_all: bool) -> int:

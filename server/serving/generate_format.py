@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
-from server.serving.common import version_spans
+from server.serving.common import json_logprob, version_spans
 
 if TYPE_CHECKING:
     from server.serving.generate import GenerateServing, _Item
@@ -59,11 +59,15 @@ class GenerateFormatter:
             }
         if it.logprob:
             meta["output_token_logprobs"] = [
-                [lp, t, self._text(t)] for lp, t in zip(o.logprobs or [], o.token_ids, strict=False)
+                [json_logprob(lp), t, self._text(t)]
+                for lp, t in zip(o.logprobs or [], o.token_ids, strict=False)
             ]
         if it.top_logprobs:
             meta["output_top_logprobs"] = [
-                [[lp, t, self._text(t)] for t, lp in sorted(top.items(), key=lambda kv: -kv[1])]
+                [
+                    [json_logprob(lp), t, self._text(t)]
+                    for t, lp in sorted(top.items(), key=lambda kv: -kv[1])
+                ]
                 for top in (o.top_logprobs or [])
             ]
         return meta

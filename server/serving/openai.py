@@ -69,6 +69,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------- completions
     async def completions(self, req: oai.CompletionRequest, raw: Request) -> Response:
+        return await self._run(req, raw, lambda: self._completion_job(req), chat=False)
+
+    def _completion_job(self, req: oai.CompletionRequest) -> tuple[list, list[SamplingParams]]:
+        """(prompts, sampling params) of a completion request, or a 4xx."""
         self.check_model(req.model)
         reject_unsupported(
             {
@@ -90,7 +94,7 @@ class OpenAIServing:
             )
             for p in prompts
         ]
-        return await self._run(req, raw, prompts, params, chat=False)
+        return prompts, params
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -109,6 +113,10 @@ class OpenAIServing:
 
     # -------------------------------------------------------------------- chat
     async def chat(self, req: oai.ChatCompletionRequest, raw: Request) -> Response:
+        return await self._run(req, raw, lambda: self._chat_job(req), chat=True)
+
+    def _chat_job(self, req: oai.ChatCompletionRequest) -> tuple[list, list[SamplingParams]]:
+        """([prompt], [sampling params]) of a chat request, or a 4xx."""
         self.check_model(req.model)
         reject_unsupported(
             {
@@ -130,7 +138,7 @@ class OpenAIServing:
         params = [
             self._params(req, top, self.checker.max_new_tokens(len(prompt), wanted, clamp=False))
         ]
-        return await self._run(req, raw, [prompt], params, chat=True)
+        return [prompt], params
 
     def _render_chat(self, req: oai.ChatCompletionRequest) -> list[int]:
         tok = self.engine.tokenizer
@@ -179,25 +187,38 @@ class OpenAIServing:
             include_stop_str_in_output=req.include_stop_str_in_output,
         )
 
-    async def _run(self, req, raw, prompts, params, *, chat: bool) -> Response:
-        kind = "chatcmpl" if chat else "cmpl"
-        rid = f"{kind}-{uuid.uuid4().hex}"
+    async def _run(self, req, raw, job, *, chat: bool) -> Response:
+        """Run `job()`'s prompts; every request is counted once in /metrics: a failure by
+        stage, or its samples once the reply is built (a stream counts its own outcome)."""
+        stage = "input_processing"
+        try:
+            prompts, params = job()
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            streams = await self._start(raw, rid, prompts, params)
+            stage = "generation"
+            fmt = ChoiceFormatter(self, req, rid, prompts, chat=chat)
+            if req.stream:
+                return SSEResponse(self._stream(fmt, streams))
+            finals = await cancel_on_disconnect(raw, self._collect(streams))
+            reply = FastJSONResponse(fmt.full_response(finals).model_dump(exclude_none=True))
+        except Exception as exc:
+            self.metrics.failed(stage, exc.status if isinstance(exc, ApiError) else 500)
+            raise
+        self.metrics.succeeded(finals)
+        return reply
+
+    async def _start(self, raw: Request, rid: str, prompts: list, params: list) -> list:
         arrival = time.perf_counter()
         streams = [
             self.metrics.track(self.engine.generate(p, sp, f"{rid}-{i}"), arrival)
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
         try:
-            streams = await cancel_on_disconnect(raw, start_streams(streams))
+            return await cancel_on_disconnect(raw, start_streams(streams))
         except EngineOverloaded as exc:
             raise ApiError(503, str(exc) or "server overloaded", headers=self._retry()) from exc
         except InvalidRequest as exc:
             raise bad_request(str(exc)) from exc
-        fmt = ChoiceFormatter(self, req, rid, prompts, chat=chat)
-        if req.stream:
-            return SSEResponse(self._stream(fmt, streams))
-        finals = await cancel_on_disconnect(raw, self._collect(streams))
-        return FastJSONResponse(fmt.full_response(finals).model_dump(exclude_none=True))
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.config.retry_after_s)}
@@ -219,8 +240,14 @@ class OpenAIServing:
             usage = fmt.usage_chunk([finals[i] for i in sorted(finals)])
             if usage is not None:
                 yield sse(usage)
+        except GeneratorExit:  # the client hung up mid-stream
+            self.metrics.failed("generation", 499)
+            raise
         except Exception as exc:  # the reply has started: report in-band
+            self.metrics.failed("generation", 500)
             yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+        else:
+            self.metrics.succeeded(list(finals.values()))
         yield SSE_DONE
 
     # ---------------------------------------------------------------- helpers

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from server.protocol import openai as oai
+from server.serving.common import LOGPROB_FLOOR, json_logprob
 
 if TYPE_CHECKING:
     from server.serving.openai import OpenAIServing
@@ -160,11 +161,13 @@ class ChoiceFormatter:
         for t in range(a, b):
             tok = tt(o.token_ids[t])
             res.tokens.append(tok)
-            res.token_logprobs.append(lps[t] if t < len(lps) else None)
+            res.token_logprobs.append(json_logprob(lps[t]) if t < len(lps) else None)
             res.text_offset.append(offset)
             offset += len(tok)
             top = self._top(o, t)
-            res.top_logprobs.append(None if top is None else {tt(x): lp for x, lp in top.items()})
+            res.top_logprobs.append(
+                None if top is None else {tt(x): json_logprob(lp) for x, lp in top.items()}
+            )
         return res
 
     def _chat_logprobs(self, o: CompletionOutput, a: int, b: int) -> oai.ChatLogProbs:
@@ -174,10 +177,10 @@ class ChoiceFormatter:
             tok = tt(o.token_ids[t])
             top = self._top(o, t) or {}
             alts = [
-                oai.TopLogprob(token=tt(x), logprob=lp, bytes=list(tt(x).encode()))
+                oai.TopLogprob(token=tt(x), logprob=json_logprob(lp), bytes=list(tt(x).encode()))
                 for x, lp in top.items()
             ]
-            lp = lps[t] if t < len(lps) else -9999.0  # OpenAI's "unknown"
+            lp = json_logprob(lps[t]) if t < len(lps) else LOGPROB_FLOOR  # OpenAI's "unknown"
             content.append(
                 oai.ChatTokenLogprob(
                     token=tok, logprob=lp, bytes=list(tok.encode()), top_logprobs=alts
