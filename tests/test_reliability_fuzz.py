@@ -5,7 +5,9 @@ Invariants: no fuzzed request gets a 5xx or runs past its time budget; admin rou
 401 to every unauthenticated request whatever its body; afterwards the server is healthy,
 nothing is left running or waiting, and the weights (version and greedy output) are the
 ones it started with. Numbers: >= 1,000 requests (positive and negative cases of every
-operation, derandomized so a run is repeatable), 10 s budget per request.
+operation, derandomized so a run is repeatable), 10 s budget per request. A property test
+(hypothesis, 60 examples) draws valid sampling x logprob options for the three generation
+routes, streamed or not: each answers 200 with strict JSON logprobs in [−9999, 0].
 
 Run: python -m pytest -q tests/test_reliability_fuzz.py
 """
@@ -230,3 +232,87 @@ def test_admin_auth_precedes_body_parsing(server, route):
             assert http.post(route, content=big, headers=headers).status_code == 401
         ok = bad | {"Authorization": f"Bearer {TOKEN}"}
         assert http.post(route, content=b'{"x": [1,', headers=ok).status_code == 400
+
+
+# ------------------------------------------------------- sampling x logprob options
+_SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.sampled_from([0.0, 1e-6, 0.5, 1.0, 2.0]) | st.floats(0.0, 2.0),
+        "top_p": st.sampled_from([1.0, 0.5, 0.01]) | st.floats(0.01, 1.0),
+        "top_k": st.sampled_from([-1, 0, 1, 2, 5, 100]),
+        "min_p": st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 1.0),
+        "seed": st.integers(0, 2**31),
+        "ignore_eos": st.booleans(),
+    },
+)
+
+
+def _strict_json(text: str):
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _request(route: str, sampling: dict, k: int, n: int, stream: bool) -> dict:
+    """One request of `route` with these sampling params, k top logprobs, n samples."""
+    if route == "/generate":
+        sp = {("sampling_seed" if key == "seed" else key): v for key, v in sampling.items()}
+        return {"input_ids": [1, 2, 3], "return_logprob": True, "top_logprobs_num": k,
+                "stream": stream, "sampling_params": sp | {"max_new_tokens": 3, "n": n}}  # fmt: skip
+    body = sampling | {"model": "tiny", "max_tokens": 3, "n": n, "stream": stream}
+    if route == "/v1/completions":
+        return body | {"prompt": [1, 2, 3], "logprobs": k}
+    return body | {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
+                   "top_logprobs": k}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+@given(sampling=_SAMPLING, k=st.integers(0, 5), n=st.integers(1, 2), stream=st.booleans(),
+       route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate"]))  # fmt: skip
+def test_any_valid_sampling_and_logprob_options_answer_valid_json(server, sampling, k, n,
+                                                                  stream, route):  # fmt: skip
+    """Issue 15: any valid combination of sampling params (T incl. 0 and ~0, top-k, top-p,
+    min-p, seed) and logprob options (0..5 alternatives, n 1..2), on the three generation
+    routes, streamed or not, answers 200 with strict JSON (no NaN / Infinity / error
+    event) whose logprobs are floats in [−9999, 0]. 60 derandomized examples."""
+    import httpx
+
+    srv, _ = server
+    body = _request(route, sampling, k, n, stream)
+    with httpx.Client(base_url=srv.url, timeout=BUDGET_S) as http:
+        if not stream:
+            r = http.post(route, json=body)
+            assert r.status_code == 200, (body, r.text)
+            replies = [_strict_json(r.text)]
+        else:
+            with http.stream("POST", route, json=body) as r:
+                assert r.status_code == 200, (body, r.read())
+                lines = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
+            assert lines[-1] == "[DONE]", lines
+            replies = [_strict_json(x) for x in lines[:-1]]
+    assert replies and not any(isinstance(x, dict) and "error" in x for x in replies), replies
+    lps = _logprob_floats(replies)
+    assert lps and all(-9999.0 <= f <= 0.0 for f in lps), lps
+
+
+def _logprob_floats(reply) -> list[float]:
+    """Every logprob of one reply or stream event, in the route's own spelling."""
+    if isinstance(reply, list):
+        return [f for x in reply for f in _logprob_floats(x)]
+    if "meta_info" in reply:  # SGLang: [logprob, token_id, text] triples
+        meta = reply["meta_info"]
+        tops = [t for step in meta.get("output_top_logprobs", []) for t in step]
+        return [t[0] for t in meta.get("output_token_logprobs", []) + tops]
+    out = []
+    for c in reply.get("choices", []):
+        lp = c.get("logprobs") or {}
+        if "content" in lp:  # chat
+            for t in lp["content"] or []:
+                out += [t["logprob"]] + [a["logprob"] for a in t["top_logprobs"]]
+        else:
+            out += [x for x in lp.get("token_logprobs", []) if x is not None]
+            out += [v for top in lp.get("top_logprobs", []) if top for v in top.values()]
+    return out
