@@ -263,3 +263,73 @@ def test_update_weight_version_relabels_without_touching_weights(http):
     assert after["output_ids"] == before["output_ids"]
     assert after["meta_info"]["weight_version"] == "relabelled-7"
     assert http.post("/update_weight_version", json={"new_version": ""}).status_code in (400, 422)
+
+
+SKYRL = r"""
+import json, sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
+from server.weight_sync.group import init_custom_process_group
+url, ports, path = sys.argv[1], [int(p) for p in sys.argv[2:4]], sys.argv[4]
+c = httpx.Client(base_url=url, timeout=120)
+results = []
+def post(route, body=None):
+    r = c.post(route, json=body) if body is not None else c.post(route)
+    results.append((route, r.status_code, r.json()))
+tensors = safetensors.torch.load_file(path)
+for port in ports:  # two rounds: teardown must free the group, so the next init works
+    # RemoteWeightLoader.init_communicator (backend sglang): SkyRL names its group "skyrl"
+    t = threading.Thread(target=post, args=("/init_weights_update_group", {"master_address": "127.0.0.1",
+        "master_port": port, "rank_offset": 1, "world_size": 2, "group_name": "skyrl", "backend": "gloo"}))
+    t.start()
+    pg = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, 0, "skyrl")
+    t.join()
+    for name, v in tensors.items():  # load_weights: one tensor, singular fields, no group_name
+        body = {"name": name, "dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+        t = threading.Thread(target=post, args=("/update_weights_from_distributed", body)); t.start()
+        dist.broadcast(v, src=0, group=pg); t.join()
+    post("/destroy_weights_update_group")  # destroy_group: POST without a body
+    dist.destroy_process_group(pg)
+print(json.dumps(results))
+"""
+
+
+def test_skyrl_weight_sync_uses_the_one_group(server, http, models):
+    """SkyRL's SGLang backend, its exact calls (skyrl_train RemoteWeightLoader): a group
+    named "skyrl", then one /update_weights_from_distributed per tensor with {name, dtype,
+    shape} and no group_name, then /destroy_weights_update_group with no body — twice, so
+    the teardown must really free the group. Every call is 200 (SGLang uses its one group
+    whatever the name), no broadcast blocks, and greedy output = the pushed weights."""
+    srv, state = server
+    ports = [str(free_port()), str(free_port())]
+    path = str(models[2] / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-c", SKYRL, srv.url, *ports, path], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(code == 200 for _, code, _ in res), [(r, c, b) for r, c, b in res if c != 200]
+    n = len(target_tensors(models[2]))
+    assert [route for route, *_ in res] == 2 * (
+        ["/init_weights_update_group"] + ["/update_weights_from_distributed"] * n
+        + ["/destroy_weights_update_group"]
+    )  # fmt: skip
+    assert state.weights.groups == {}
+    assert greedy(http)["output_ids"] == offline_greedy(models[2], models[0] / "mtp")
+
+
+def test_group_name_resolution():
+    """The name rule on its own: an exact name wins, else the only group, else a 400 that
+    lists the groups (two groups and an unknown name are ambiguous)."""
+    from types import SimpleNamespace
+
+    from server.errors import ApiError
+    from server.serving.weights import WeightServing
+
+    w = WeightServing.__new__(WeightServing)
+    w.groups = {"skyrl": object()}
+    assert w._group_name(None) == w._group_name("weight_update_group") == "skyrl"
+    w.groups["other"] = SimpleNamespace()
+    assert w._group_name("other") == "other"
+    with pytest.raises(ApiError, match="skyrl"):
+        w._group_name(None)
+    w.groups = {}
+    with pytest.raises(ApiError, match="first"):
+        w._group_name("skyrl")

@@ -97,7 +97,7 @@ class InitWeightsUpdateGroupRequest(_Admin):
 
 
 class DestroyWeightsUpdateGroupRequest(_Admin):
-    group_name: str = "weight_update_group"
+    group_name: str | None = None  # None (or an unknown name): the one group there is
 
 
 class UpdateWeightsFromDistributedRequest(_Admin):
@@ -108,7 +108,7 @@ class UpdateWeightsFromDistributedRequest(_Admin):
     names: list[str]
     dtypes: list[str]
     shapes: list[list[int]]
-    group_name: str = "weight_update_group"
+    group_name: str | None = None  # None (or an unknown name): the one group there is
     flush_cache: bool = True
     abort_all_requests: bool = False
     weight_version: str | None = None

@@ -56,6 +56,7 @@ def weights_router(state: ServerState) -> APIRouter:
     async def destroy_group(
         req: sgl.DestroyWeightsUpdateGroupRequest | None = None,
     ) -> JSONResponse:
+        """SkyRL posts this with no body: the one group there is."""
         return await _reply(
             w.destroy_group((req or sgl.DestroyWeightsUpdateGroupRequest()).group_name)
         )

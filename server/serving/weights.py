@@ -155,11 +155,7 @@ class WeightServing:
         self, req: sgl.UpdateWeightsFromDistributedRequest
     ) -> sgl.UpdateResult:
         t0 = time.perf_counter()
-        group = self.groups.get(req.group_name)
-        if group is None:
-            raise _failure(
-                f"group {req.group_name!r} does not exist: call /init_weights_update_group first"
-            )
+        group = self.groups[self._group_name(req.group_name)]
         dtypes = self._announce(req)
         async with self.lock:
             if req.abort_all_requests:
@@ -201,8 +197,6 @@ class WeightServing:
 
     # ----------------------------------------------------------------- groups
     async def init_group(self, req: sgl.InitWeightsUpdateGroupRequest) -> sgl.UpdateResult:
-        if req.group_name in self.groups:
-            raise _failure(f"group {req.group_name!r} already exists")
         backend = req.backend.lower()
         device = self.engine.config.device
         if backend not in ("gloo", "nccl"):
@@ -211,6 +205,9 @@ class WeightServing:
             raise _failure("the engine runs on CPU: use backend 'gloo' (nccl needs a GPU)")
         if req.rank_offset >= req.world_size:
             raise _failure("rank_offset must be < world_size")
+        stale = self.groups.pop(req.group_name, None)
+        if stale is not None:  # SGLang: a re-init replaces the group of that name
+            await stale.destroy()
         group = WeightUpdateGroup(req.group_name, backend, device, self.config.group_timeout_s)
         try:
             await group.join(req.master_address, req.master_port, req.rank_offset, req.world_size)
@@ -220,10 +217,24 @@ class WeightServing:
         self.groups[req.group_name] = group
         return _ok("Succeeded to initialize custom process group.", self.engine.weight_version)
 
-    async def destroy_group(self, name: str) -> sgl.UpdateResult:
-        group = self.groups.pop(name, None)
-        if group is None:
+    def _group_name(self, name: str | None) -> str:
+        """The group a call means. SGLang keeps one weight-update group and uses it whatever
+        name a later call gives (SkyRL creates "skyrl", then updates and destroys without a
+        name): an exact name wins; otherwise the only group there is; otherwise a 400."""
+        if name in self.groups:
+            return name
+        if len(self.groups) == 1:
+            return next(iter(self.groups))
+        known = ", ".join(map(repr, self.groups)) or "none"
+        raise _failure(
+            f"group {name!r} does not exist (groups: {known}): call /init_weights_update_group"
+            + (" first" if not self.groups else " or name one of them")
+        )
+
+    async def destroy_group(self, name: str | None) -> sgl.UpdateResult:
+        if not self.groups:
             raise _failure("The group to be destroyed does not exist.")
+        group = self.groups.pop(self._group_name(name))
         await group.destroy()
         return _ok("Succeeded to destroy custom process group.", self.engine.weight_version)
 
