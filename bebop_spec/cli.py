@@ -33,6 +33,10 @@ def _cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     parser.add_argument("--draft-mode", default="rs", choices=["rs", "to", "none"])
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--spec-policy", default="auto", choices=["auto", "fixed"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
@@ -46,7 +50,7 @@ def _cmd_generate(argv: list[str]) -> int:
 
     mode = None if args.draft_mode == "none" else args.draft_mode
     llm = LLM(args.model, mtp=args.mtp, num_speculative_tokens=args.num_speculative_tokens,
-              draft_mode=mode)  # fmt: skip
+              draft_mode=mode, spec_policy=args.spec_policy, dtype=args.dtype)  # fmt: skip
     prompts = args.prompt
     if args.chat:
         tok = llm.tokenizer

@@ -4,7 +4,8 @@
     python benchmarks/decode.py --model DIR --mtp DIR --batch-sizes 1 16 --max-tokens 128
 
 For each batch size it times (i) `transformers` `generate` (sampling, same weights),
-(ii) the engine without speculation, (iii) with `to`, (iv) with `rs`; T = 1, γ = 3. For the
+(ii) the engine without speculation, (iii) with `to`, (iv) with `rs` (both fixed γ = 3), (v)
+`rs` under the auto policy (γ_t ∈ 0..3 chosen per step; its histogram is recorded); T = 1. For the
 speculative rows it reports acceptance, E[accepted drafts per step], the measured draft/verify
 cost ratio c, the bound (1 + E[A]) / (1 + γ·c), the measured verify/plain-step cost ratio r
 (1 when verifying γ+1 tokens is as cheap as one, as on a GPU; larger on a CPU), the bound
@@ -183,18 +184,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    spec = dict(mtp=mtp, num_speculative_tokens=args.gamma, dtype=args.dtype)
     engines = {
         "none": LLM(model, draft_mode=None, dtype=args.dtype),
-        "to": LLM(
-            model, mtp=mtp, draft_mode="to", num_speculative_tokens=args.gamma, dtype=args.dtype
-        ),
-        "rs": LLM(
-            model, mtp=mtp, draft_mode="rs", num_speculative_tokens=args.gamma, dtype=args.dtype
-        ),
+        "to": LLM(model, draft_mode="to", spec_policy="fixed", **spec),
+        "rs": LLM(model, draft_mode="rs", spec_policy="fixed", **spec),
+        "rs-auto": LLM(model, draft_mode="rs", spec_policy="auto", **spec),
     }
     tok = engines["none"].tokenizer
     rows = []
-    bar = tqdm(total=len(args.batch_sizes) * 4, desc="decode bench")
+    bar = tqdm(total=len(args.batch_sizes) * 5, desc="decode bench")
     for bs in args.batch_sizes:
         prompts = demo_prompts(tok, bs, args.seed) if tok is not None else [[1, 2, 3]] * bs
         params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens,
@@ -207,18 +206,20 @@ def main() -> None:
         rows.append({"batch": bs, "engine": "transformers", "tok_s": hf})
         rows.append({"batch": bs, "engine": "bebop-none", "tok_s": base,
                      "vs_transformers": base / hf if hf else None})  # fmt: skip
-        for mode in ("to", "rs"):
+        for mode in ("to", "rs", "rs-auto"):
             llm = engines[mode]
             s0 = _snapshot(llm)
             tps, _ = time_engine(llm, prompts, params, args.repeats)
             s = _delta(llm, s0)
-            e_acc = s["accepted"] / s["drafts"]
+            e_acc = s["accepted"] / s["drafts"] if s["drafts"] else 0.0
+            policy = llm.engine.gamma_policy
             c, r = step_costs(llm, bs, args.gamma)
             bound = (1 + e_acc) / (1 + args.gamma * c)
             bound_r = bound / r
             rows.append({"batch": bs, "engine": f"bebop-{mode}", "tok_s": tps,
-                         "acceptance": s["accepted"] / (s["drafts"] * args.gamma),
-                         "per_position": [a / s["drafts"] for a in s["per_pos"]],
+                         "acceptance": s["accepted"] / max(1, s["draft_tokens"]),
+                         "gamma_chosen": list(policy.chosen) if policy else None,
+                         "per_position": [a / max(1, s["drafts"]) for a in s["per_pos"]],
                          "e_accepted": e_acc, "c": c, "bound": bound, "r": r,
                          "bound_r": bound_r, "speedup": tps / base,
                          "of_bound": tps / base / bound})  # fmt: skip
@@ -238,13 +239,14 @@ def main() -> None:
 def _snapshot(llm: LLM) -> dict:
     s = llm.spec_stats
     return {"drafts": s.num_drafts, "accepted": s.num_accepted_tokens,
-            "per_pos": list(s.accepted_per_pos)}  # fmt: skip
+            "draft_tokens": s.num_draft_tokens, "per_pos": list(s.accepted_per_pos)}  # fmt: skip
 
 
 def _delta(llm: LLM, before: dict) -> dict:
     now = _snapshot(llm)
     per = [a - b for a, b in zip(now["per_pos"], before["per_pos"] + [0] * 8, strict=False)]
     return {"drafts": now["drafts"] - before["drafts"],
+            "draft_tokens": now["draft_tokens"] - before["draft_tokens"],
             "accepted": now["accepted"] - before["accepted"], "per_pos": per}  # fmt: skip
 
 
@@ -274,14 +276,14 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
-    engines = ["transformers", "bebop-none", "bebop-to", "bebop-rs"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.2
+    engines = ["transformers", "bebop-none", "bebop-to", "bebop-rs", "bebop-rs-auto"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.16
     for i, eng in enumerate(engines):
         vals = [next((r["tok_s"] or 0 for r in rows if r["batch"] == b and r["engine"] == eng), 0)
                 for b in batches]  # fmt: skip
         ax.bar([j + i * width for j in range(len(batches))], vals, width, label=eng)
-    ax.set_xticks([j + 1.5 * width for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_xticks([j + 2 * width for j in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("generated tokens / s (CPU)")
     ax.set_title("Decode throughput, T = 1")
     ax.legend()

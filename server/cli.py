@@ -24,6 +24,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     a("--mtp", default=None, help="separate MTP head directory")
     a("--num-speculative-tokens", type=int, default=3)
     a("--draft-mode", default="rs", choices=["rs", "to", "none"])
+    a("--spec-policy", default="auto", choices=["auto", "fixed"],
+      help="auto: choose 0..--num-speculative-tokens drafts per step for the best measured "
+      "tokens/s (never slower than plain decoding by design); fixed: always draft that many")  # fmt: skip
     a("--backend", default="embedded", choices=sorted(BACKENDS))
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=30000)
@@ -35,7 +38,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     a("--max-model-len", type=int, default=None)
     a("--max-waiting", type=int, default=1024, help="queued requests beyond this get HTTP 503")
     a("--served-model-name", default=None, help="model name in the API (default: directory name)")
-    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the checkpoint's bf16/fp16 where the device has bf16 units, else float32",
+    )
+    a("--kv-cache-memory-gb", type=float, default=None,
+      help="KV cache budget in GiB (default: min(4, a quarter of RAM or free GPU memory)); "
+      "caps the running sequences at --max-model-len")  # fmt: skip
     a("--device", default="cpu")
     a(
         "--threads",
@@ -76,7 +87,8 @@ def build_configs(args: argparse.Namespace):
         draft_mode=None if args.draft_mode == "none" else args.draft_mode,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
-        threads=args.threads,
+        threads=args.threads, spec_policy=args.spec_policy,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
     )  # fmt: skip
     default_name = "bebop-demo" if args.model is None else Path(model).resolve().name
     name = args.served_model_name or default_name

@@ -147,10 +147,10 @@ def test_bad_request_and_step_failure_are_contained(engine):
             await _collect(engine, [10**6], GREEDY, "g")
         original = engine.engine.runner.decode
 
-        def poisoned(seqs):
+        def poisoned(seqs, *args):
             if any(s.prompt_ids[0] == 63 for s in seqs):
                 raise RuntimeError("boom")
-            return original(seqs)
+            return original(seqs, *args)
 
         engine.engine.runner.decode = poisoned
         healthy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)

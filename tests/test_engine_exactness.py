@@ -1,7 +1,10 @@
 """Speculative sampling leaves the output distribution exactly unchanged.
 
 Setup: a random Qwen3 target with a 6-token vocabulary and a deliberately unrelated random
-MTP head. For each configuration we draw N = 40,000 samples of the first 4 generated tokens
+MTP head. The `auto-*` configurations let the engine choose γ_t ∈ {0..γ} per step from
+earlier steps' timings and acceptance (engine/gamma.py), so plain and drafting steps
+interleave within one request's samples (seeded from the engine: a request seed would pin
+the fixed γ). For each configuration we draw N = 40,000 samples of the first 4 generated tokens
 (one request, n = N, seeded) and compare their empirical joint distribution over the
 6^4 = 1,296 outcomes with the exact probabilities p(x1) p(x2|x1) p(x3|x1,x2) p(x4|...)
 computed from full forwards of the target under the same sampling transforms. Token 1 comes
@@ -70,6 +73,8 @@ def g_test(counts: torch.Tensor, probs: torch.Tensor) -> float:
 CONFIGS = [
     ("none", 1, {"temperature": 1.0}),
     ("rs", 3, {"temperature": 1.0}),
+    ("auto-rs", 3, {"temperature": 1.0}),
+    ("auto-to", 2, {"temperature": 0.8, "top_k": 4}),
     ("to", 3, {"temperature": 1.0}),
     ("rs", 2, {"temperature": 1.0, "top_k": 3}),
     ("rs", 2, {"temperature": 0.8, "top_p": 0.8}),
@@ -79,10 +84,13 @@ CONFIGS = [
 
 @pytest.mark.parametrize(("mode", "gamma", "kw"), CONFIGS)
 def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
+    policy, _, draft = mode.rpartition("-")  # "auto-rs": γ_t chosen per step, up to γ
     llm = LLM(str(small_vocab_model), mtp=str(small_vocab_model / "mtp"),
-              draft_mode=None if mode == "none" else mode, num_speculative_tokens=gamma,
-              max_num_seqs=512)  # fmt: skip
-    params = SamplingParams(max_tokens=K, n=N, seed=2024, ignore_eos=True, **kw)
+              draft_mode=None if draft == "none" else draft, num_speculative_tokens=gamma,
+              spec_policy=policy or "fixed", max_num_seqs=512, seed=2024)  # fmt: skip
+    # auto: seeded from the engine, not the request (a request seed pins the fixed γ)
+    seed = None if policy else 2024
+    params = SamplingParams(max_tokens=K, n=N, seed=seed, ignore_eos=True, **kw)
     out = llm.generate([PROMPT], params)[0]
     idx = torch.tensor([c.token_ids for c in out.outputs])
     assert idx.shape == (N, K)
@@ -93,4 +101,7 @@ def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
     if mode != "none":
         s = llm.spec_stats
         assert 0 < s.num_accepted_tokens < s.num_draft_tokens  # both paths exercised
+    if policy:  # plain steps and drafting steps both ran
+        chosen = llm.engine.gamma_policy.chosen
+        assert chosen[0] > 0 and sum(chosen[1:]) > 0, chosen
     assert p_value > 1e-3, f"{mode} {kw}: G-test p = {p_value:.2e}"

@@ -101,7 +101,12 @@ def test_eval_cli_json_table_plot(model, heldout, tmp_path, capsys):
 
 
 def _outputs(model, mtp, seed: int | None, temperature: float):
-    llm = LLM(str(model), mtp=None if mtp is None else str(mtp), num_speculative_tokens=3)
+    llm = LLM(
+        str(model),
+        mtp=None if mtp is None else str(mtp),
+        num_speculative_tokens=3,
+        spec_policy="fixed",
+    )  # acceptance counts compared: the same γ every step
     prompts = [[1, 2, 3], [7, 5, 9, 11, 2]]
     sp = SamplingParams(temperature=temperature, max_tokens=24, seed=seed, ignore_eos=True)
     outs = llm.generate(prompts, sp)

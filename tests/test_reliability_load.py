@@ -126,10 +126,10 @@ def test_step_failure_fails_its_request_and_engine_keeps_serving(server):
     runner = state.engine.engine.runner
     original, armed = runner.decode, {"on": True}
 
-    def poisoned(seqs):  # fails every step that holds the poisoned request
+    def poisoned(seqs, *args):  # fails every step that holds the poisoned request
         if armed["on"] and any(s.prompt_ids[0] == 63 for s in seqs):
             raise RuntimeError("poisoned step")
-        return original(seqs)
+        return original(seqs, *args)
 
     runner.decode = poisoned
     try:

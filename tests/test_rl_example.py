@@ -34,10 +34,12 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tiny):
-    """A real server in this process, serving `tiny` with its random head (rs)."""
+    """A real server in this process, serving `tiny` with its random head (rs, fixed γ: the
+    auto policy would rightly stop drafting with a random head, and the steps report
+    acceptance)."""
     from server.testing import serve_model
 
-    with serve_model(str(tiny), str(tiny / "mtp")) as (srv, _):
+    with serve_model(str(tiny), str(tiny / "mtp"), engine={"spec_policy": "fixed"}) as (srv, _):
         yield srv.url
 
 

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bebop_spec.engine.hardware import DTYPES
+
 DRAFT_MODES = ("rs", "to")
+# "auto": each decode step chooses γ_t in 0..num_speculative_tokens for the best expected
+# tokens/s (engine/gamma.py); "fixed": every decode step drafts num_speculative_tokens.
+SPEC_POLICIES = ("auto", "fixed")
 
 
 @dataclass
 class EngineConfig:
     model: str
     mtp: str | None = None  # separate MTP head directory; None: the model dir's own head, if any
-    num_speculative_tokens: int = 3
+    num_speculative_tokens: int = 3  # γ (fixed policy) or γ_max (auto policy)
     draft_mode: str | None = "rs"  # "rs" | "to" | None (no speculation)
+    spec_policy: str = "auto"  # "auto" | "fixed" (see SPEC_POLICIES)
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests are refused (HTTP 503)
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the checkpoint's bf16/fp16 where the device has bf16 units
+    kv_cache_memory_gb: float | None = None  # KV budget (GiB); None: engine/hardware.py default
     device: str = "cpu"
     seed: int = 0
     enforce_no_mtp: bool = False
@@ -27,6 +34,8 @@ class EngineConfig:
             self.draft_mode = None
         if self.draft_mode is not None and self.draft_mode not in DRAFT_MODES:
             raise ValueError(f"draft_mode={self.draft_mode!r} must be one of rs, to, none")
+        if self.spec_policy not in SPEC_POLICIES:
+            raise ValueError(f"spec_policy={self.spec_policy!r} must be auto or fixed")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
         if self.max_num_seqs < 1:
@@ -37,8 +46,10 @@ class EngineConfig:
             raise ValueError("max_waiting must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1 (or None)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be > 0")
 
     @property
     def speculative(self) -> bool:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.gamma import GammaController
+from bebop_spec.engine.hardware import checkpoint_dtype, resolve_dtype
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.engine.postprocess import append_step, refresh_text
 from bebop_spec.engine.runner import ModelRunner, StepResult
@@ -28,8 +30,9 @@ class LLMEngine:
         self.config = config
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        self.dtype = resolve_dtype(config.dtype, checkpoint_dtype(config.model), config.device)
         if loaded is None:
-            loaded = load_model(config.model, mtp=config.mtp, dtype=_DTYPES[config.dtype],
+            loaded = load_model(config.model, mtp=config.mtp, dtype=_DTYPES[self.dtype],
                                 device=config.device)  # fmt: skip
         if config.enforce_no_mtp:
             loaded.mtp = None
@@ -40,13 +43,18 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(loaded, config, self.max_model_len)
         batched_tokens = max(2048, self.max_model_len)
-        self.scheduler = Scheduler(config.max_num_seqs, batched_tokens, config.max_waiting)
+        self.scheduler = Scheduler(self.runner.num_slots, batched_tokens, config.max_waiting)
         self.eos_ids = set(self.model_config.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, list[int]] = {}
         self.version = 0
         self.version_labels: dict[int, str] = {0: "default"}
         self.spec_totals = SpecStats()
+        self.gamma_policy = (
+            GammaController(config.num_speculative_tokens)
+            if self.runner.speculative and config.spec_policy == "auto"
+            else None
+        )
         self.observers: list[Callable[[StepStats], None]] = []
         self._rng = torch.Generator().manual_seed(config.seed)
         self._seq_ids = itertools.count()
@@ -136,13 +144,18 @@ class LLMEngine:
         if batch is None:
             return []
         t0 = time.perf_counter()
-        results = self._run_isolating(batch.kind, batch.seqs)
-        stats = StepStats(draft_mode=self.config.draft_mode or "none")
+        gamma = self._choose_gamma(batch)
+        results = self._run_isolating(batch.kind, batch.seqs, gamma)
+        stats = StepStats(draft_mode=self.config.draft_mode or "none",
+                          gamma=gamma if batch.kind == "decode" else None)  # fmt: skip
         if batch.kind == "prefill":
             stats.num_prompt_tokens = sum(s.num_prompt_tokens for s in batch.seqs)
         touched: dict[str, None] = {}
         for r in results:
             self._apply(r, stats)
+        if self.gamma_policy is not None and gamma > 0:
+            accepted = [r.num_accepted for r in results if r.num_accepted is not None]
+            self.gamma_policy.observe_acceptance(accepted, gamma)
         for s in batch.seqs:
             touched[s.request_id] = None
             if s.is_finished:
@@ -150,32 +163,46 @@ class LLMEngine:
         stats.num_running = self.num_running
         stats.num_waiting = self.num_waiting
         stats.step_seconds = time.perf_counter() - t0
+        if self.gamma_policy is not None and batch.kind == "decode" and results:
+            self.gamma_policy.observe_cost(len(batch.seqs), gamma, stats.step_seconds)
         for fn in self.observers:
             fn(stats)
         if only_finished:
             touched = {rid: None for rid in touched if rid in self.requests and self._done(rid)}
         return [self._output(rid) for rid in touched if rid in self.requests]
 
+    def _choose_gamma(self, batch) -> int:
+        """γ of this step: 0 for prefills and plain engines; the policy's choice under auto.
+
+        A batch holding a request with an explicit seed drafts the fixed γ: the sample a seed
+        produces depends on the draft lengths it was drawn under, and the policy's choices
+        depend on measured timings, so only a fixed γ keeps seeded samples reproducible."""
+        if batch.kind != "decode" or not self.runner.speculative:
+            return 0
+        if self.gamma_policy is None or any(s.params.seed is not None for s in batch.seqs):
+            return self.runner.gamma
+        return self.gamma_policy.choose(len(batch.seqs))
+
     def _done(self, request_id: str) -> bool:
         return all(s.is_finished for s in self.requests[request_id])
 
-    def _run(self, kind: str, seqs: list[Sequence]) -> list[StepResult]:
-        return self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
+    def _run(self, kind: str, seqs: list[Sequence], gamma: int) -> list[StepResult]:
+        return self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs, gamma)
 
-    def _run_isolating(self, kind: str, seqs: list[Sequence]) -> list[StepResult]:
+    def _run_isolating(self, kind: str, seqs: list[Sequence], gamma: int) -> list[StepResult]:
         """Run the batch; if it raises, rerun each sequence alone so that only the requests
         whose own step fails are aborted (their errors go to `failed`) and the rest go on.
         Safe to rerun: the runner mutates a sequence's cache bookkeeping only after its
         forward passes succeed, and a prefill recomputes from the token ids."""
         try:
-            return self._run(kind, seqs)
+            return self._run(kind, seqs, gamma)
         except Exception:
             if len(seqs) == 1 and len(self.requests[seqs[0].request_id]) == 1:
                 return self._fail([(seqs[0], sys.exc_info()[1])])
         results, failed = [], []
         for seq in seqs:
             try:
-                results += self._run(kind, [seq])
+                results += self._run(kind, [seq], gamma)
             except Exception as exc:
                 failed.append((seq, exc))
         return results + self._fail(failed)
@@ -193,7 +220,7 @@ class LLMEngine:
         stats.num_generated_tokens += kept
         if r.num_accepted is None:
             return
-        gamma = self.runner.gamma
+        gamma = r.num_drafted
         seq.spec.add(r.num_accepted, gamma)
         self.spec_totals.add(r.num_accepted, gamma)
         stats.num_drafts += 1

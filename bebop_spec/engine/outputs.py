@@ -89,6 +89,7 @@ class StepStats:
     """What one engine step did; observers (metrics) receive one per step."""
 
     draft_mode: str  # "rs" | "to" | "none"
+    gamma: int | None = None  # drafts per row of a decode step (0: plain); None: prefill
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_drafts: int = 0

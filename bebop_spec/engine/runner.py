@@ -12,11 +12,13 @@ Positions and caches follow docs/architecture.md. One speculative step for a bat
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.hardware import kv_budget_bytes
 from bebop_spec.engine.scheduler import prefill_len
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.errors import WeightUpdateError
@@ -32,6 +34,11 @@ from bebop_spec.spec import (
     verify_chain,
 )
 
+log = logging.getLogger("bebop.engine")
+# Under the auto policy a row's unseen-by-the-head hiddens are fed to the head once more than
+# this many accumulate during plain steps (bounded memory, and a bounded catch-up later).
+MAX_PENDING = 32
+
 
 @dataclass
 class StepResult:
@@ -44,8 +51,27 @@ class StepResult:
     entropies: list[float]
     top_logprobs: list[dict[int, float]] | None = None
     num_accepted: int | None = None  # None: no drafts this step
+    num_drafted: int = 0  # γ of this step
     verified_entropies: list[float] = field(default_factory=list)
     verified_accepted: list[bool] = field(default_factory=list)
+
+
+def kv_slots(config: EngineConfig, layers: int, cache_len: int, kv_width: int,
+             dtype: torch.dtype) -> int:  # fmt: skip
+    """Sequences the KV budget holds at full length (≤ max_num_seqs); ValueError if none."""
+    per_seq = 2 * layers * (cache_len + 1) * kv_width * dtype.itemsize  # K and V, + scratch
+    budget = kv_budget_bytes(config.kv_cache_memory_gb, config.device)
+    slots = min(config.max_num_seqs, budget // per_seq)
+    if slots < 1:
+        raise ValueError(
+            f"the KV budget ({budget / 2**30:.2f} GiB) holds no sequence of {cache_len - 1} "
+            f"positions ({per_seq / 2**30:.2f} GiB each): raise kv_cache_memory_gb or lower "
+            "max_model_len"
+        )
+    if slots < config.max_num_seqs:
+        log.warning("KV budget %.2f GiB holds %d of max_num_seqs=%d sequences at %d positions",
+                    budget / 2**30, slots, config.max_num_seqs, cache_len - 1)  # fmt: skip
+    return int(slots)
 
 
 class ModelRunner:
@@ -61,16 +87,17 @@ class ModelRunner:
         mc = loaded.config
         dtype = next(self.target.parameters()).dtype
         cache_len = max_model_len + self.gamma + 1
-        self.cache = KVCache(
-            mc.num_hidden_layers, config.max_num_seqs, cache_len,
-            mc.num_key_value_heads, mc.head_dim, dtype, self.device,
-        )  # fmt: skip
+        layers = mc.num_hidden_layers
+        mtp_layers = self.mtp.num_layers if self.mtp is not None and self.mode else 0
+        self.num_slots = kv_slots(config, layers + mtp_layers, cache_len,
+                                  mc.num_key_value_heads * mc.head_dim, dtype)  # fmt: skip
+        self.cache = KVCache(layers, self.num_slots, cache_len, mc.num_key_value_heads,
+                             mc.head_dim, dtype, self.device)  # fmt: skip
         self.mtp_cache = None
-        if self.mtp is not None and self.mode is not None:
-            self.mtp_cache = KVCache(
-                self.mtp.num_layers, config.max_num_seqs, cache_len,
-                mc.num_key_value_heads, mc.head_dim, dtype, self.device,
-            )  # fmt: skip
+        if mtp_layers:
+            self.mtp_cache = KVCache(mtp_layers, self.num_slots, cache_len,
+                                     mc.num_key_value_heads, mc.head_dim, dtype,
+                                     self.device)  # fmt: skip
         self._sampling_key: tuple[int, ...] = ()
         self._sampling_cached: SamplingTensors | None = None
 
@@ -145,15 +172,47 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ plain decode
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> list[StepResult]:
-        if self.speculative:
-            return self._spec_decode(seqs)
+    def decode(self, seqs: list[Sequence], gamma: int | None = None) -> list[StepResult]:
+        """One decode step drafting `gamma` tokens per row (None: the configured γ; 0: plain)."""
+        gamma = self.gamma if gamma is None else gamma
+        if self.speculative and gamma > 0:
+            return self._spec_decode(seqs, gamma)
+        hidden = self._plain_forward(seqs)
+        if self.speculative:  # the head sees these hiddens at the next drafting step
+            for b, s in enumerate(seqs):
+                s.pending_hidden = torch.cat([s.pending_hidden, hidden[b]])
+            self._catch_up_mtp([s for s in seqs if len(s.pending_hidden) > MAX_PENDING])
+        return self._sample_one(seqs, self.target.compute_logits(hidden[:, 0]))
+
+    def _plain_forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed each row's last token at its next position → hidden[B, 1, H]."""
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         pos = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
         hidden = self.target(ids, pos, self.cache, self._slots(seqs))
         for s in seqs:
             s.num_cached += 1
-        return self._sample_one(seqs, self.target.compute_logits(hidden[:, 0]))
+        return hidden
+
+    def _catch_up_mtp(self, seqs: list[Sequence]) -> None:
+        """Feed the head every pending pair but the last (kept to start the next draft), so
+        that a run of plain steps under the auto policy leaves bounded pending state."""
+        if not seqs:
+            return
+        pend = [s.pending_hidden[:-1] for s in seqs]
+        n_pairs = torch.tensor([h.shape[0] for h in pend], device=self.device)
+        width = int(n_pairs.max())
+        hid = torch.zeros(len(seqs), width, pend[0].shape[-1], dtype=pend[0].dtype,
+                          device=self.device)  # fmt: skip
+        for b, h in enumerate(pend):
+            hid[b, : h.shape[0]] = h
+        nxt = self._tensor([s.all_ids[s.mtp_cached + 1 : s.num_cached] for s in seqs], pad=0)
+        start = torch.tensor([s.mtp_cached for s in seqs], device=self.device)
+        pos = self._positions(n_pairs, width, start)
+        self.mtp(hid, nxt, pos, self.mtp_cache, self._slots(seqs), embed=self.target.embed,
+                 step=0)  # fmt: skip
+        for s in seqs:
+            s.mtp_cached = s.num_cached - 1
+            s.pending_hidden = s.pending_hidden[-1:].clone()
 
     def _sample_one(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepResult]:
         """Sample one token per row from processed logits[B, V]."""
@@ -165,8 +224,8 @@ class ModelRunner:
                              torch.ones(len(seqs), dtype=torch.long))  # fmt: skip
 
     # ------------------------------------------------------------------ speculative decode
-    def _spec_decode(self, seqs: list[Sequence]) -> list[StepResult]:
-        gamma, dev, B = self.gamma, self.device, len(seqs)
+    def _spec_decode(self, seqs: list[Sequence], gamma: int) -> list[StepResult]:
+        dev = self.device
         st = self._sampling(seqs)
         u = draw_uniforms([s.generator for s in seqs], 2 * gamma + 1).to(dev)
         slots = self._slots(seqs)
@@ -187,13 +246,13 @@ class ModelRunner:
         for b, (s, r) in enumerate(zip(seqs, results, strict=True)):
             a = int(num_acc[b])
             r.num_accepted = a
+            r.num_drafted = gamma
             n_verified = min(a + 1, gamma)  # r.entropies covers positions 0..a of p
             r.verified_entropies = r.entropies[:n_verified]
             r.verified_accepted = [True] * a + [False] * (n_verified - a)
             s.mtp_cached = s.num_cached
             s.num_cached += a + 1
             s.pending_hidden = hidden[b, : a + 1].clone()
-        del B
         return results
 
     def _draft(self, seqs: list[Sequence], st: SamplingTensors, u: torch.Tensor,
@@ -213,7 +272,7 @@ class ModelRunner:
         g = g[torch.arange(len(seqs), device=dev), n_pairs - 1]  # [B, H]
         last_pos = start + n_pairs - 1  # position of the last real pair
         drafts, qs = [], []
-        for k in range(self.gamma):
+        for k in range(u.shape[1]):
             if k > 0:
                 pos_k = (last_pos + k)[:, None]
                 g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, slots,
