@@ -19,6 +19,7 @@ from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, FaultMiddleware
 from server.routes.openai import openai_router
 from server.routes.sglang import sglang_router
+from server.routes.vllm import vllm_router
 from server.routes.weights import weights_router
 from server.state import ServerState
 
@@ -44,7 +45,8 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Bebop rollout server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bebop = state
     install_error_handlers(app)
-    routers = [openai_router(state.openai), sglang_router(state), weights_router(state)]
+    routers = [openai_router(state.openai), sglang_router(state), vllm_router(state),
+               weights_router(state)]  # fmt: skip
     for router in routers:
         app.include_router(router)
 

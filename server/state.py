@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
+from server.serving.common import AdmissionGate
+from server.serving.control import ControlServing
 from server.serving.generate import GenerateServing
 from server.serving.openai import OpenAIServing
 from server.serving.weights import WeightServing
@@ -21,17 +23,21 @@ class ServerState:
     openai: OpenAIServing
     generate: GenerateServing
     weights: WeightServing
+    control: ControlServing
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
     @classmethod
     def build(cls, engine: ServingBackend, config: ServerConfig) -> ServerState:
         metrics = ServerMetrics(engine, config.served_model_name)
+        gate = AdmissionGate()  # one for both dialects: vLLM's pause(wait) holds them all
+        openai = OpenAIServing(engine, config, metrics, gate)
         return cls(
             engine=engine,
             config=config,
             metrics=metrics,
-            openai=OpenAIServing(engine, config, metrics),
-            generate=GenerateServing(engine, config, metrics),
+            openai=openai,
+            generate=GenerateServing(engine, config, metrics, gate),
             weights=WeightServing(engine, config, metrics),
+            control=ControlServing(engine, config, gate, openai),
         )

@@ -55,7 +55,9 @@ def server(tiny_text_model, tmp_path_factory):
 
 
 ADMIN = AUTHED_FUZZ | {"/init_weights_update_group", "/pause_generation",
-                       "/continue_generation", "/flush_cache"}  # fmt: skip
+                       "/continue_generation", "/flush_cache", "/pause", "/resume",
+                       "/reset_prefix_cache", "/release_memory_occupation",
+                       "/resume_memory_occupation"}  # fmt: skip
 
 
 def _fuzz(op, mode, url: str, headers: dict, admin_401: bool, log: dict) -> None:

@@ -14,6 +14,7 @@ from bebop_spec.sampling_params import SamplingParams
 from server.auth import admin_dependency, check_admin
 from server.metrics import CONTENT_TYPE
 from server.protocol import sglang as sgl
+from server.protocol.vllm import MemoryOccupationRequest
 from server.state import ServerState
 
 HEALTH_TIMEOUT_S = 20.0
@@ -42,8 +43,25 @@ def sglang_router(state: ServerState) -> APIRouter:
 
     @r.post("/continue_generation", dependencies=admin)
     async def resume(req: sgl.ContinueGenerationRequest | None = None) -> JSONResponse:
-        await engine.resume()
+        await state.control.resume()  # also ends a vLLM-style pause(wait)
         return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
+
+    @r.api_route("/release_memory_occupation", methods=["GET", "POST"], dependencies=admin)
+    async def release_memory(req: MemoryOccupationRequest | None = None) -> JSONResponse:
+        """The embedded engine cannot free its KV pool: this pauses and drops all K/V
+        (see ControlServing.release_memory); /resume_memory_occupation continues."""
+        await state.control.release_memory((req or MemoryOccupationRequest()).tags)
+        return JSONResponse({"success": True, "message": "Generation paused, KV cache dropped "
+                             "(memory stays allocated on the embedded engine)."})  # fmt: skip
+
+    @r.api_route("/resume_memory_occupation", methods=["GET", "POST"], dependencies=admin)
+    async def resume_memory(req: MemoryOccupationRequest | None = None) -> JSONResponse:
+        await state.control.resume_memory((req or MemoryOccupationRequest()).tags)
+        return JSONResponse({"success": True, "message": "Generation resumed."})
+
+    @r.get("/v1/loads")
+    async def loads() -> dict:
+        return state.control.loads()
 
     @r.api_route("/flush_cache", methods=["GET", "POST"], dependencies=admin)
     async def flush_cache() -> PlainTextResponse:
@@ -110,11 +128,11 @@ def _model_info(state: ServerState) -> dict:
         "preferred_sampling_params": None,
         "weight_version": e.weight_version,
         "model_type": getattr(mc, "family", None),
-        "architectures": None,
+        "architectures": _architectures(mc),
         # ext
         "mtp_path": e.config.mtp,
         "draft_mode": e.config.draft_mode or "none",
-        "num_speculative_tokens": e.config.gamma,
+        "num_speculative_tokens": _gamma(e),
         "max_model_len": e.max_model_len,
         "vocab_size": getattr(mc, "vocab_size", None),
         "eos_token_ids": list(getattr(mc, "eos_token_ids", []) or []),
@@ -129,6 +147,8 @@ def _server_info(state: ServerState) -> dict:
     return {
         **engine_args,
         **server_args,
+        "num_speculative_tokens": _gamma(e),  # None without speculation, not the unused γ
+        "draft_mode": e.config.draft_mode or "none",
         "admin_protected": state.config.admin_protected,
         "internal_states": [
             {
@@ -136,7 +156,7 @@ def _server_info(state: ServerState) -> dict:
                 "spec_accept_rate": spec.acceptance_rate,
                 "num_running": e.num_running,
                 "num_waiting": e.num_waiting,
-                "paused": e.paused,
+                "paused": state.control.paused,
                 "weight_version": e.weight_version,
             }
         ],
@@ -144,3 +164,15 @@ def _server_info(state: ServerState) -> dict:
         "version": server.__version__,
         "frontend": "bebop",
     }
+
+
+def _gamma(e) -> int | None:
+    """Drafts per step (γ, the most under the auto policy); None when not speculating."""
+    return e.config.num_speculative_tokens if e.config.draft_mode else None
+
+
+def _architectures(mc) -> list[str] | None:
+    """From the model's config.json, as SGLang reports them (the family's class if absent)."""
+    if hasattr(mc, "to_hf"):
+        return list(mc.to_hf().get("architectures") or []) or None
+    return list(getattr(mc, "hf", {}).get("architectures") or []) or None

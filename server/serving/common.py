@@ -130,6 +130,28 @@ class TokenText:
         return text
 
 
+class AdmissionGate:
+    """Holds new generation requests in the server while closed (vLLM's pause mode
+    "wait": in-flight requests finish, new ones do not start)."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def closed(self) -> bool:
+        return not self._open.is_set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait(self) -> None:
+        await self._open.wait()
+
+
 async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Interleave several async iterators as items arrive; closes all of them on exit."""
     if len(streams) == 1:

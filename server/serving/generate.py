@@ -27,6 +27,7 @@ from server.metrics import ServerMetrics
 from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
 from server.serving.common import (
     SSE_DONE,
+    AdmissionGate,
     FastJSONResponse,
     PromptChecker,
     SSEResponse,
@@ -54,8 +55,10 @@ class _Item:
 
 
 class GenerateServing:
-    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics):
+    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics,
+                 gate: AdmissionGate | None = None) -> None:  # fmt: skip
         self.engine, self.config, self.metrics = engine, config, metrics
+        self.gate = gate or AdmissionGate()
         self.checker = PromptChecker(engine)
         self.token_text = TokenText(engine.tokenizer)
         self.active: set[str] = set()  # engine request ids in flight
@@ -228,6 +231,7 @@ class GenerateServing:
             return
         self.active.add(it.rid)
         try:
+            await self.gate.wait()  # held while paused in mode "wait"
             async for out in self.metrics.track(
                 self.engine.generate(it.prompt, it.params, it.rid), arrival
             ):

@@ -26,6 +26,7 @@ from server.metrics import ServerMetrics
 from server.protocol import openai as oai
 from server.serving.common import (
     SSE_DONE,
+    AdmissionGate,
     FastJSONResponse,
     PromptChecker,
     SSEResponse,
@@ -44,8 +45,10 @@ from server.serving.openai_format import ChoiceFormatter
 
 
 class OpenAIServing:
-    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics):
+    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics,
+                 gate: AdmissionGate | None = None) -> None:  # fmt: skip
         self.engine, self.config, self.metrics = engine, config, metrics
+        self.gate = gate or AdmissionGate()
         self.checker = PromptChecker(engine)
         self.token_text = TokenText(engine.tokenizer)
 
@@ -133,14 +136,17 @@ class OpenAIServing:
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
         self._check_counts(req.n, top, 1)
-        prompt = self.checker.check(self._render_chat(req), param="messages")
+        prompt = self.checker.check(self.render_chat(req), param="messages")
         wanted = req.max_completion_tokens or req.max_tokens
         params = [
             self._params(req, top, self.checker.max_new_tokens(len(prompt), wanted, clamp=False))
         ]
         return [prompt], params
 
-    def _render_chat(self, req: oai.ChatCompletionRequest) -> list[int]:
+    def render_chat(self, req: Any) -> list[int]:
+        """Token ids of `req.messages` under the chat template (a chat completion or a
+        /tokenize chat request: messages, add_generation_prompt, continue_final_message,
+        chat_template_kwargs)."""
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise bad_request("this model's tokenizer has no chat template", param="messages")
@@ -209,6 +215,7 @@ class OpenAIServing:
 
     async def _start(self, raw: Request, rid: str, prompts: list, params: list) -> list:
         arrival = time.perf_counter()
+        await cancel_on_disconnect(raw, self.gate.wait())  # held while paused in mode "wait"
         streams = [
             self.metrics.track(self.engine.generate(p, sp, f"{rid}-{i}"), arrival)
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))

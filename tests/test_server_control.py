@@ -1,0 +1,194 @@
+"""Routes RL frameworks call that used to answer 404 (issue 15, point 4), with the request
+and response shapes of the pinned engines: vLLM's RL control API (/pause?mode=abort|wait|keep,
+/resume, /is_paused, /get_world_size, /reset_prefix_cache), /tokenize, /detokenize,
+/tokenizer_info, and SGLang's /v1/loads and memory-occupation routes; plus the info fixes
+(architectures from config.json, no γ reported without speculation).
+
+Server: tiny random Qwen3 with a tokenizer and chat template, `--draft-mode none`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from server.testing import serve_model
+
+LONG = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_text_model):
+    engine = {"draft_mode": None, "max_model_len": 256}
+    with serve_model(str(tiny_text_model), engine=engine) as (srv, state):
+        yield srv, state
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server[0].url, timeout=60) as c:
+        yield c
+
+
+def _run(server, scenario):
+    """Run `scenario(client, state)` on an async client against the server."""
+    srv, state = server
+
+    async def main():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            return await scenario(c, state)
+
+    return asyncio.run(main())
+
+
+async def _until_running(state, rid: str) -> None:
+    while rid not in state.generate.active or state.engine.num_running == 0:
+        await asyncio.sleep(0.005)
+
+
+def test_vllm_pause_abort_resume(server, http):
+    """POST /pause (default mode abort, as SkyRL / TRL send it) -> {"status": "paused"}; the
+    in-flight request ends with finish_reason abort; /is_paused says so; /resume ->
+    {"status": "resumed"} and generation works again."""
+
+    async def scenario(c, state):
+        task = asyncio.create_task(c.post("/generate", json=LONG | {"rid": "ab"}))
+        await _until_running(state, "ab")
+        r = await c.post("/pause")
+        assert r.status_code == 200 and r.json() == {"status": "paused"}
+        assert (await c.get("/is_paused")).json() == {"is_paused": True}
+        out = (await task).json()
+        r = await c.post("/resume")
+        assert r.json() == {"status": "resumed"}
+        assert (await c.get("/is_paused")).json() == {"is_paused": False}
+        return out
+
+    out = _run(server, scenario)
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    short = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+    assert len(http.post("/generate", json=short).json()["output_ids"]) == 3
+
+
+def test_vllm_pause_keep_freezes_and_resumes(server):
+    """mode=keep freezes the in-flight request where it is (no tokens for 0.3 s) and it
+    completes all its tokens after /resume."""
+
+    async def scenario(c, state):
+        task = asyncio.create_task(c.post("/generate", json=LONG | {"rid": "kp"}))
+        await _until_running(state, "kp")
+        assert (await c.post("/pause?mode=keep")).status_code == 200
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        await c.post("/resume")
+        return (await task).json()
+
+    out = _run(server, scenario)
+    assert len(out["output_ids"]) == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_vllm_pause_wait_drains_then_holds_new_requests(server):
+    """mode=wait returns once the in-flight request has finished all its tokens; a request
+    sent while paused waits in the server and runs only after /resume."""
+
+    async def scenario(c, state):
+        first = asyncio.create_task(c.post("/generate", json=LONG | {"rid": "wt"}))
+        await _until_running(state, "wt")
+        assert (await c.post("/pause?mode=wait&clear_cache=true")).json() == {"status": "paused"}
+        assert first.done() and len(first.result().json()["output_ids"]) == 200
+        late = asyncio.create_task(c.post("/v1/completions", json={"prompt": [4, 5],
+                                          "max_tokens": 3, "ignore_eos": True}))  # fmt: skip
+        await asyncio.sleep(0.3)
+        assert not late.done() and (await c.get("/is_paused")).json()["is_paused"]
+        await c.post("/resume")
+        return (await late).json()
+
+    assert _run(server, scenario)["usage"]["completion_tokens"] == 3
+
+
+def test_vllm_pause_bad_mode_is_400(http):
+    assert http.post("/pause?mode=sleep").status_code == 400
+    assert not http.get("/is_paused").json()["is_paused"]
+
+
+def test_world_size_and_reset_prefix_cache(http):
+    """/get_world_size -> {"world_size": 1} (one process); /reset_prefix_cache -> 200."""
+    assert http.get("/get_world_size").json() == {"world_size": 1}
+    assert http.get("/get_world_size?include_dp=false").json() == {"world_size": 1}
+    r = http.post("/reset_prefix_cache")
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_tokenize_detokenize_vllm_shapes(http, server):
+    """/tokenize (completion and chat forms) -> {count, max_model_len, tokens, token_strs};
+    the chat form gives the same ids a chat completion prefills; /detokenize inverts it;
+    an id outside the vocabulary is a 400."""
+    tok = server[1].engine.tokenizer
+    r = http.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 256 and r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])
+    msgs = [{"role": "user", "content": "Hi"}]
+    chat = http.post("/tokenize", json={"model": "tiny", "messages": msgs}).json()
+    ref = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1,
+                    "return_token_ids": True}).json()["prompt_token_ids"]  # fmt: skip
+    assert chat["tokens"] == ref and chat["token_strs"] is None
+    back = http.post("/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back == {"prompt": tok.decode(r["tokens"])}
+    assert http.post("/detokenize", json={"tokens": [10**6]}).status_code == 400
+    assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
+def test_tokenizer_info(http):
+    """vLLM's /tokenizer_info (lm-eval probes it): the tokenizer class, its special tokens
+    and the chat template."""
+    info = http.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] and info["chat_template"] and "eos_token" in info
+    assert info["model_max_length"] == 256
+
+
+def test_v1_loads(server):
+    """SGLang's /v1/loads (slime polls it): one dp rank whose running count sees an
+    in-flight request, and the aggregate."""
+
+    async def scenario(c, state):
+        task = asyncio.create_task(c.post("/generate", json=LONG | {"rid": "ld"}))
+        await _until_running(state, "ld")
+        busy = (await c.get("/v1/loads")).json()
+        await c.post("/abort_request", json={"rid": "ld"})
+        await task
+        return busy
+
+    busy = _run(server, scenario)
+    assert busy["dp_rank_count"] == 1 and busy["loads"][0]["dp_rank"] == 0
+    assert busy["loads"][0]["num_running_reqs"] == 1 == busy["aggregate"]["total_running_reqs"]
+    assert {"timestamp", "version"} <= set(busy)
+
+
+def test_memory_occupation_release_and_resume(server):
+    """verl / AReaL: /release_memory_occupation (with SGLang's tags) stops decoding and
+    drops the K/V of the running request (re-queued, not lost); /resume_memory_occupation
+    continues it to its full length. The embedded engine keeps its memory allocated."""
+
+    async def scenario(c, state):
+        task = asyncio.create_task(c.post("/generate", json=LONG | {"rid": "mem"}))
+        await _until_running(state, "mem")
+        r = await c.post("/release_memory_occupation", json={"tags": ["kv_cache", "weights"]})
+        assert r.status_code == 200 and r.json()["success"]
+        await asyncio.sleep(0.2)
+        assert not task.done() and state.engine.num_running == 0
+        assert (await c.post("/resume_memory_occupation", json={"tags": ["weights"]})).json()[
+            "success"
+        ]
+        return (await task).json()
+
+    assert len(_run(server, scenario)["output_ids"]) == 200
+
+
+def test_info_without_speculation(http):
+    """--draft-mode none: /get_server_info and /get_model_info report no γ (null, not the
+    unused default 3); architectures come from config.json."""
+    info = http.get("/get_server_info").json()
+    assert info["num_speculative_tokens"] is None and info["draft_mode"] == "none"
+    model = http.get("/get_model_info").json()
+    assert model["num_speculative_tokens"] is None
+    assert model["architectures"] == ["Qwen3ForCausalLM"]
