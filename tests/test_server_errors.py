@@ -5,6 +5,7 @@ routes need the bearer token, and a client that goes away frees its engine reque
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -213,3 +214,41 @@ def test_client_disconnect_frees_request(server, http, case):
     finally:
         SLOW.clear()
         http.post("/continue_generation", json={}, headers=AUTH)
+
+
+class _Errors(logging.Handler):
+    """Collects ERROR records (and worse) from every logger it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("route", ["/generate", CMPL])
+def test_hang_up_on_nonstreamed_request_logs_no_error(server, http, route):
+    """A client that hangs up while waiting on a non-streamed reply (as bench clients and
+    trainers do on timeout) is a normal event: its request is aborted and freed, nothing
+    is logged at ERROR (no traceback), and it is counted as request_failure code 499."""
+    srv, state = server
+    body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 120, "ignore_eos": True}}
+    if route == CMPL:
+        body = {"prompt": [1, 2, 3], "max_tokens": 120, "ignore_eos": True}
+    handler = _Errors()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "bebop")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    SLOW.set()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, pytest.raises(httpx.ReadTimeout):
+            c.post(route, json=body, timeout=0.6)
+        _wait_idle(state)
+        time.sleep(0.3)  # let the server finish handling the disconnect
+    finally:
+        SLOW.clear()
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert not handler.records, [r.getMessage() for r in handler.records]
+    assert 'code="499"' in http.get("/metrics").text

@@ -333,3 +333,39 @@ def test_group_name_resolution():
     w.groups = {}
     with pytest.raises(ApiError, match="first"):
         w._group_name("skyrl")
+
+
+def test_pickled_tensor_update_says_pickle_is_never_accepted(http, models):
+    """SGLang's default /update_weights_from_tensor payload (base64 of a pickle of
+    [(name, tensor)], as MultiprocessingSerializer writes it) and a torch.save body are
+    refused with a message that names pickle and says it is never accepted; nothing moves."""
+    import io
+    import pickle
+
+    before, v0 = greedy(http)["output_ids"], version(http)
+    name, t = next(iter(target_tensors(models[2]).items()))
+    blob = base64.b64encode(pickle.dumps([(name, t)], protocol=4)).decode()
+    r = http.post("/update_weights_from_tensor",
+                  json={"serialized_named_tensors": [blob], "load_format": None, "flush_cache": True})  # fmt: skip
+    assert r.status_code == 400 and "pickle (protocol 4)" in r.json()["message"]
+    assert "never accepted" in r.json()["message"] and "malformed" not in r.json()["message"]
+    buf = io.BytesIO()
+    torch.save({name: t}, buf)
+    r = http.post("/update_weights_from_tensor", content=buf.getvalue(),
+                  headers={"content-type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 400 and "torch.save" in r.json()["message"]
+    assert "never accepted" in r.json()["message"]
+    assert version(http) == v0 and greedy(http)["output_ids"] == before
+
+
+def test_update_without_weight_version_keeps_the_label(http, models):
+    """An update that names no weight_version keeps the serving label (as SGLang does),
+    instead of replacing it with the internal counter; the weights do change."""
+    v0 = version(http)
+    blob = base64.b64encode(safetensors.torch.save(target_tensors(models[1]))).decode()
+    r = http.post("/update_weights_from_tensor", json={"serialized_named_tensors": [blob]})
+    assert r.status_code == 200 and r.json()["weight_version"] == v0, r.text
+    assert version(http) == v0
+    out = greedy(http)
+    assert out["output_ids"] == offline_greedy(models[1], models[0] / "mtp")
+    assert out["meta_info"]["weight_versions"] == [{"version": v0, "start": 0, "end": 12}]

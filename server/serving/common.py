@@ -232,15 +232,17 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
                 pass
 
     watcher = asyncio.ensure_future(watch())
+    hung_up = False
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler itself is cancelled (server shutdown)
         watcher.cancel()
         if not task.done():
+            hung_up = True
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # let the aborts run
-    if task.cancelled():
-        raise ApiError(499, "client disconnected")
+    if hung_up:  # not task.cancelled(): a cancelled gather() *fails* with CancelledError,
+        raise ApiError(499, "client disconnected")  # which reached uvicorn as a traceback
     return task.result()
 
 

@@ -65,8 +65,8 @@ class WeightServing:
                 tensors, _ = select_known(tensors, spec)
             ready = await asyncio.to_thread(check_update, tensors, spec)
             t2 = time.perf_counter()
-            label = await self.engine.update_weights(
-                ready, selector=selector, weight_version=version
+            label = await self.engine.update_weights(  # no label given: keep it (SGLang)
+                ready, selector=selector, weight_version=version or self.engine.weight_version
             )
         except WeightUpdateError as exc:
             self.metrics.observe_weight_sync(source, time.perf_counter() - t0, size, ok=False)
@@ -147,9 +147,8 @@ class WeightServing:
             return await asyncio.to_thread(load_safetensors_bytes, data)
         except WeightUpdateError as exc:
             self.metrics.observe_weight_sync("tensor", 0.0, 0, ok=False)
-            raise _failure(
-                f"weights not updated (tensor): {where}{exc} (only safetensors is accepted)"
-            ) from exc
+            hint = "" if "pickle" in str(exc) else " (only safetensors is accepted)"
+            raise _failure(f"weights not updated (tensor): {where}{exc}{hint}") from exc
 
     async def from_distributed(
         self, req: sgl.UpdateWeightsFromDistributedRequest

@@ -39,14 +39,38 @@ _ST_DTYPES = {
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound
 
 
+PICKLE_REFUSED = ("pickle is never accepted over the network (it runs code when loaded): "
+                  "send safetensors (safetensors.torch.save) instead")  # fmt: skip
+
+
+def pickle_kind(data: bytes | bytearray) -> str | None:
+    """What pickle-based format `data` looks like, if any: SGLang's default
+    serialized_named_tensors (ForkingPickler, protocol 2-5) or a torch.save zip archive."""
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return f"a pickle (protocol {data[1]})"
+    if bytes(data[:4]) == b"PK\x03\x04":
+        return "a torch.save zip archive (pickle inside)"
+    return None
+
+
 def load_safetensors_bytes(data: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """A safetensors file held in memory -> tensors (WeightUpdateError if malformed).
+    """A safetensors file held in memory -> tensors (WeightUpdateError if malformed; the
+    message says so when the bytes are pickle, which is never accepted).
 
     A bytearray is decoded without copying (tensors are views of it); the format is
     8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
     data_offsets: [begin, end]}, "__metadata__": {...}}, then the data. Everything in
     the header is checked against the buffer before any tensor is made."""
-    buf = data if isinstance(data, bytearray) else bytearray(data)
+    try:
+        return _load_safetensors(data if isinstance(data, bytearray) else bytearray(data))
+    except WeightUpdateError as exc:
+        kind = pickle_kind(data)
+        if kind is not None:  # checked only on failure: a safetensors header may start so too
+            raise WeightUpdateError(f"the body is {kind}; {PICKLE_REFUSED}") from exc
+        raise
+
+
+def _load_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
     if len(buf) < 8:
         raise WeightUpdateError("not a safetensors file (shorter than its 8-byte header)")
     n = int.from_bytes(buf[:8], "little")
