@@ -182,3 +182,39 @@ def test_refused_request_counts_as_input_failure(http):
     assert http.post("/v1/completions", json=bad).status_code == 400
     assert http.post("/generate", json={"input_ids": [10**6]}).status_code == 400
     assert _counter(http, "request_failure", stage="input_processing", code="400") == before + 2
+
+
+def test_eos_stop_has_null_stop_reason(http, server):
+    """OpenAI routes spell an EOS stop as vLLM documents it: finish_reason "stop" with
+    stop_reason null (the engine records the EOS id internally); a stop_token_ids hit keeps
+    its id. The greedy first token is made an EOS id for this test."""
+    engine = server[1].engine
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
+    first = http.post("/v1/completions", json=body).json()["choices"][0]
+    tok = http.post("/v1/completions", json=body | {"return_token_ids": True}).json()
+    t = tok["choices"][0]["token_ids"][0]
+    eos_ids, mc_eos = engine.engine.eos_ids, engine.model_config.eos_token_ids
+    added = t not in eos_ids
+    eos_ids.add(t)
+    mc_eos.append(t)
+    try:
+        for route, b in (("/v1/completions", body),
+                         ("/v1/chat/completions", CHAT | {"logprobs": False, "top_logprobs": None})):  # fmt: skip
+            r = http.post(route, json=b)
+            choice = r.json()["choices"][0]
+            if route == "/v1/completions":
+                assert (
+                    choice["finish_reason"] == "stop"
+                    and r.json()["usage"]["completion_tokens"] == 1
+                )
+            if choice["finish_reason"] == "stop":
+                assert "stop_reason" in choice and choice["stop_reason"] is None, choice
+    finally:
+        mc_eos.remove(t)
+        if added:
+            eos_ids.discard(t)
+    other = http.post("/v1/completions", json=body | {"stop_token_ids": [t]}).json()
+    assert other["choices"][0]["stop_reason"] == t and first["finish_reason"] == "length"
+    assert first["stop_reason"] is None  # length: null too, present
+    events = _events(http, "/v1/completions", body | {"stream": True})
+    assert events[-1]["choices"][0]["stop_reason"] is None

@@ -41,7 +41,7 @@ from server.serving.common import (
     start_streams,
     version_spans,
 )
-from server.serving.openai_format import ChoiceFormatter
+from server.serving.openai_format import ChoiceFormatter, wire
 
 
 class OpenAIServing:
@@ -206,7 +206,7 @@ class OpenAIServing:
             if req.stream:
                 return SSEResponse(self._stream(fmt, streams))
             finals = await cancel_on_disconnect(raw, self._collect(streams))
-            reply = FastJSONResponse(fmt.full_response(finals).model_dump(exclude_none=True))
+            reply = FastJSONResponse(wire(fmt.full_response(finals)))
         except Exception as exc:
             self.metrics.failed(stage, exc.status if isinstance(exc, ApiError) else 500)
             raise
@@ -239,14 +239,14 @@ class OpenAIServing:
         try:
             first = fmt.first_chunk()
             if first is not None:
-                yield sse(first)
+                yield sse(wire(first))
             async for i, out in merge_streams(streams):
                 finals[i] = out
                 for chunk in fmt.delta_chunks(i, out):
-                    yield sse(chunk)
+                    yield sse(wire(chunk))
             usage = fmt.usage_chunk([finals[i] for i in sorted(finals)])
             if usage is not None:
-                yield sse(usage)
+                yield sse(wire(usage))
         except GeneratorExit:  # the client hung up mid-stream
             self.metrics.failed("generation", 499)
             raise

@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from server.serving.openai import OpenAIServing
 
 
+def wire(response: Any) -> dict[str, Any]:
+    """A response model as sent: unset optional fields left out, except that a finished
+    choice always carries `stop_reason` (null for EOS / length), as vLLM writes it."""
+    d = response.model_dump(exclude_none=True)
+    for choice in d.get("choices", []):
+        if "finish_reason" in choice:
+            choice.setdefault("stop_reason", None)
+    return d
+
+
 class ChoiceFormatter:
     def __init__(
         self, serving: OpenAIServing, req: Any, rid: str, prompts: list[list[int]], *, chat: bool
@@ -129,7 +139,7 @@ class ChoiceFormatter:
         if final:
             spans = self.s.spans(o)
         finish = o.finish_reason if final else None
-        stop = o.stop_reason if final else None
+        stop = self._stop_reason(o) if final else None
         ids = o.token_ids[a:b] if self.req.return_token_ids else None
         if self.chat:
             logprobs = self._chat_logprobs(o, a, b) if self.with_logprobs else None
@@ -148,6 +158,14 @@ class ChoiceFormatter:
             finish_reason=finish, stop_reason=stop, prompt_token_ids=prompt_ids, token_ids=ids,
             weight_versions=spans,
         )  # fmt: skip
+
+    def _stop_reason(self, o: CompletionOutput) -> int | str | None:
+        """vLLM's stop_reason: the matched stop string or stop_token_ids id; None for an EOS
+        stop (the engine records the EOS id there) and for any other finish."""
+        eos = getattr(self.s.engine.model_config, "eos_token_ids", None) or []
+        if isinstance(o.stop_reason, int) and o.stop_reason in eos and not self.req.ignore_eos:
+            return None
+        return o.stop_reason
 
     def _top(self, o: CompletionOutput, t: int) -> dict[int, float] | None:
         if not o.top_logprobs or t >= len(o.top_logprobs):
