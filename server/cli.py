@@ -32,6 +32,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     a("--port", type=int, default=30000)
     a("--admin-token", default=os.environ.get("BEBOP_ADMIN_TOKEN"),
       help="bearer token for admin routes (default: $BEBOP_ADMIN_TOKEN)")  # fmt: skip
+    a("--api-key", default=os.environ.get("BEBOP_API_KEY"),
+      help="bearer key every route but /health* and /metrics needs, as SGLang's and vLLM's "
+      "--api-key (default: $BEBOP_API_KEY); the admin token still guards admin routes")  # fmt: skip
     a("--allow-unauthenticated-admin", action="store_true",
       help="allow binding a non-loopback host without an admin token")  # fmt: skip
     a("--max-num-seqs", type=int, default=64)
@@ -94,8 +97,8 @@ def build_configs(args: argparse.Namespace):
     name = args.served_model_name or default_name
     server = ServerConfig(
         host=args.host, port=args.port, served_model_name=name, admin_token=args.admin_token,
-        allow_unauthenticated_admin=args.allow_unauthenticated_admin, max_n=args.max_n,
-        max_body_bytes=int(args.max_body_mb * 2**20),
+        api_key=args.api_key, allow_unauthenticated_admin=args.allow_unauthenticated_admin,
+        max_n=args.max_n, max_body_bytes=int(args.max_body_mb * 2**20),
         max_tensor_body_bytes=int(args.max_tensor_body_mb * 2**20), weights_root=args.weights_root,
     )  # fmt: skip
     return engine, server

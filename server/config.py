@@ -22,7 +22,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     served_model_name: str = "bebop"
-    admin_token: str | None = None
+    admin_token: str | None = None  # weight / control routes (stricter than api_key)
+    api_key: str | None = None  # every route but /health* and /metrics (SGLang / vLLM --api-key)
     allow_unauthenticated_admin: bool = False
     # Bounds on what one client may ask for (HTTP 400/413 beyond them).
     max_body_bytes: int = 16 * 1024 * 1024  # JSON request bodies
@@ -41,15 +42,19 @@ class ServerConfig:
             raise ValueError(f"port={self.port} must be in [0, 65535]")
         if self.admin_token == "":
             self.admin_token = None
+        if self.api_key == "":
+            self.api_key = None
         if self.max_n < 1 or self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("max_n, max_batch must be >= 1 and max_body_bytes >= 1024")
         open_admin = not self.admin_protected and not self.allow_unauthenticated_admin
         if open_admin and not is_loopback(self.host):
             raise ValueError(
-                f"refusing to bind {self.host} without an admin token: pass --admin-token "
-                "(or BEBOP_ADMIN_TOKEN), bind 127.0.0.1, or pass --allow-unauthenticated-admin"
+                f"refusing to bind {self.host} without an api key or admin token: pass --api-key"
+                " (or BEBOP_API_KEY) and/or --admin-token (or BEBOP_ADMIN_TOKEN), bind "
+                "127.0.0.1, or pass --allow-unauthenticated-admin"
             )
 
     @property
     def admin_protected(self) -> bool:
-        return self.admin_token is not None
+        """Admin routes need a key: the admin token, or else the API key that guards all."""
+        return self.admin_token is not None or self.api_key is not None

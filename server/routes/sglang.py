@@ -18,6 +18,7 @@ from server.protocol.vllm import MemoryOccupationRequest
 from server.state import ServerState
 
 HEALTH_TIMEOUT_S = 20.0
+SECRETS = ("admin_token", "api_key")  # never in /get_server_info
 
 
 def sglang_router(state: ServerState) -> APIRouter:
@@ -143,7 +144,7 @@ def _server_info(state: ServerState) -> dict:
     e = state.engine
     spec = e.spec_totals
     engine_args = dataclasses.asdict(e.config) if dataclasses.is_dataclass(e.config) else {}
-    server_args = {k: v for k, v in dataclasses.asdict(state.config).items() if k != "admin_token"}
+    server_args = {k: v for k, v in dataclasses.asdict(state.config).items() if k not in SECRETS}
     return {
         **engine_args,
         **server_args,
