@@ -25,7 +25,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qw
 
 from bebop_spec.demo.chat import ENDOFTEXT, IM_END
 from bebop_spec.demo.corpus import DOMAINS, load_examples
+from bebop_spec.hardware import cpu_has_bf16_units
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class TargetConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16_autocast: bool = True  # ~1.35x faster on AVX-512-BF16 CPUs; master weights stay fp32
+    # ~1.35x faster on CPUs with bf16 units (AMX / AVX-512-BF16), master weights fp32; where
+    # bf16 is emulated (e.g. AVX2-only CPUs) it is ~50x slower, so it follows the hardware
+    bf16_autocast: bool = field(default_factory=cpu_has_bf16_units)
     num_threads: int | None = None  # None: torch's default (one per core); see module doc
 
     def __post_init__(self) -> None:

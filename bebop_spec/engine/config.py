@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bebop_spec.engine.hardware import DTYPES
+from bebop_spec.hardware import DTYPES
 
 DRAFT_MODES = ("rs", "to")
 # "auto": each decode step chooses γ_t in 0..num_speculative_tokens for the best expected

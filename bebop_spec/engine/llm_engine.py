@@ -11,7 +11,7 @@ import torch
 
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.gamma import GammaController
-from bebop_spec.engine.hardware import checkpoint_dtype, resolve_dtype
+from bebop_spec.hardware import checkpoint_dtype, resolve_dtype
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.engine.postprocess import append_step, refresh_text
 from bebop_spec.engine.runner import ModelRunner, StepResult

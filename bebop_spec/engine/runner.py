@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bebop_spec.engine.config import EngineConfig
-from bebop_spec.engine.hardware import kv_budget_bytes
+from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.engine.scheduler import prefill_len
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.errors import WeightUpdateError
