@@ -12,6 +12,7 @@ from server.serving.common import AdmissionGate
 from server.serving.control import ControlServing
 from server.serving.generate import GenerateServing
 from server.serving.openai import OpenAIServing
+from server.serving.weight_transfer import WeightTransferServing
 from server.serving.weights import WeightServing
 
 
@@ -24,6 +25,7 @@ class ServerState:
     generate: GenerateServing
     weights: WeightServing
     control: ControlServing
+    weight_transfer: WeightTransferServing
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
@@ -32,12 +34,15 @@ class ServerState:
         metrics = ServerMetrics(engine, config.served_model_name)
         gate = AdmissionGate()  # one for both dialects: vLLM's pause(wait) holds them all
         openai = OpenAIServing(engine, config, metrics, gate)
+        weights = WeightServing(engine, config, metrics)
+        control = ControlServing(engine, config, gate, openai)
         return cls(
             engine=engine,
             config=config,
             metrics=metrics,
             openai=openai,
             generate=GenerateServing(engine, config, metrics, gate),
-            weights=WeightServing(engine, config, metrics),
-            control=ControlServing(engine, config, gate, openai),
+            weights=weights,
+            control=control,
+            weight_transfer=WeightTransferServing(weights, control),
         )

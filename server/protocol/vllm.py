@@ -54,3 +54,43 @@ class MemoryOccupationRequest(_Request):
     """SGLang's /release_memory_occupation and /resume_memory_occupation body."""
 
     tags: list[str] | None = None  # "weights" / "kv_cache" / ...; None: all
+
+
+class WeightTransferInitInfo(_Request):
+    """vLLM's NCCL `init_info`; `backend` / `group_name` are extensions (a CPU engine joins
+    over gloo). The group is formed as SGLang's init_custom_process_group (torch.distributed
+    rendezvous), not with vLLM's StatelessProcessGroup + PyNccl."""
+
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(default=1, ge=1)
+    world_size: int = Field(ge=2)
+    backend: str | None = None  # ext: None -> nccl on a GPU engine, gloo on a CPU one
+    group_name: str = "weight_update_group"  # ext
+
+
+class InitWeightTransferRequest(_Request):
+    init_info: WeightTransferInitInfo
+
+
+class WeightTransferUpdateInfo(_Request):
+    """vLLM's NCCL `update_info`: one broadcast per tensor, in `names` order."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    packed: bool = False  # vLLM's packed double-buffered broadcast: refused (not the same
+    # layout as SGLang's flattened bucket)
+
+
+class UpdateWeightsRequest(_Request):
+    update_info: WeightTransferUpdateInfo
+
+
+class FinishWeightUpdateRequest(_Request):
+    weight_version: str | None = None
+
+
+class WeightCheckerRequest(_Request):
+    action: Literal["checksum", "reset", "compare"]
+    baseline: dict[str, str] | None = None

@@ -4,12 +4,14 @@ API (/pause, /resume, /is_paused, /get_world_size, /reset_prefix_cache) and /tok
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
 
 from server.auth import admin_dependency
+from server.errors import ApiError
 from server.protocol import vllm as v
 from server.state import ServerState
 
@@ -49,6 +51,41 @@ def vllm_router(state: ServerState) -> APIRouter:
         await state.engine.flush_cache()
         return Response(status_code=200)
 
+    # ------------------------------------------- four-phase weight transfer (admin)
+    t = state.weight_transfer
+
+    @r.post("/init_weight_transfer_engine", dependencies=admin)
+    async def init_weight_transfer_engine(req: v.InitWeightTransferRequest) -> JSONResponse:
+        return await _answer(t.init(req.init_info), {"message": "Weight transfer initialized"})
+
+    @r.post("/start_weight_update", dependencies=admin)
+    async def start_weight_update() -> JSONResponse:
+        t.start("target")
+        return JSONResponse({"message": "Weight update started"})
+
+    @r.post("/start_draft_weight_update", dependencies=admin)
+    async def start_draft_weight_update() -> JSONResponse:
+        """vLLM's draft-model phase: here the MTP head (selector draft)."""
+        t.start("draft")
+        return JSONResponse({"message": "Draft weight update started"})
+
+    @r.post("/update_weights", dependencies=admin)
+    async def update_weights(req: v.UpdateWeightsRequest) -> JSONResponse:
+        return await _answer(t.update(req.update_info), {"message": "Weights updated"})
+
+    @r.post("/finish_weight_update", dependencies=admin)
+    async def finish_weight_update(req: v.FinishWeightUpdateRequest | None = None) -> JSONResponse:
+        version = (req or v.FinishWeightUpdateRequest()).weight_version
+        return await _answer(t.finish(version), {"message": "Weight update finished"})
+
+    @r.get("/weight_info")
+    async def weight_info() -> JSONResponse:
+        return JSONResponse({"weight_version": state.engine.weight_version})
+
+    @r.post("/weight_checker", dependencies=admin)
+    async def weight_checker(req: v.WeightCheckerRequest) -> JSONResponse:
+        return JSONResponse(await t.checker(req))
+
     @r.post("/tokenize")
     async def tokenize(
         req: v.TokenizeChatRequest | v.TokenizeCompletionRequest,
@@ -64,3 +101,13 @@ def vllm_router(state: ServerState) -> APIRouter:
         return JSONResponse(c.tokenizer_info())
 
     return r
+
+
+async def _answer(work: Awaitable[Any], reply: dict) -> JSONResponse:
+    """`reply` once `work` is done; a refused step answers its status with the OpenAI error
+    object and vLLM's `detail` (what its HTTPException bodies carry)."""
+    try:
+        await work
+    except ApiError as exc:
+        return exc.response({"detail": exc.message})
+    return JSONResponse(reply)
