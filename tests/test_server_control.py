@@ -192,3 +192,23 @@ def test_info_without_speculation(http):
     model = http.get("/get_model_info").json()
     assert model["num_speculative_tokens"] is None
     assert model["architectures"] == ["Qwen3ForCausalLM"]
+
+
+def test_verl_http_server_adapter_calls(http):
+    """verl's HttpServerAdapter (sglang_rollout/http_server_engine.py), its exact bodies
+    and methods, no auth header: release_memory_occupation {"tags": null}, resume with
+    ["weights"] then ["kv_cache"], GET /flush_cache, generate with return_logprob,
+    abort_request {"rid": "", "abort_all": true} — each 200 with a JSON body."""
+    calls = [
+        ("POST", "/release_memory_occupation", {"tags": None}),
+        ("POST", "/resume_memory_occupation", {"tags": ["weights"]}),
+        ("POST", "/resume_memory_occupation", {"tags": ["kv_cache"]}),
+        ("GET", "/flush_cache", None),
+        ("POST", "/generate", {"input_ids": [1, 2, 3], "return_logprob": True,
+                               "sampling_params": {"temperature": 1.0, "max_new_tokens": 4}}),
+        ("POST", "/abort_request", {"rid": "", "abort_all": True}),
+    ]  # fmt: skip
+    for method, path, body in calls:
+        r = http.request(method, path, json=body) if body is not None else http.get(path)
+        assert r.status_code == 200, (path, r.text)
+    assert not http.get("/is_paused").json()["is_paused"]
