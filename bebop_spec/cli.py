@@ -3,6 +3,7 @@
 bebop serve [--model DIR] ...          rollout server (default model: the built-in demo)
 bebop generate --prompt TEXT ...       offline generation with speculative stats
 bebop demo build                       build the demo model (cached)
+bebop model fetch [--cache-dir DIR]    obtain + convert SmolLM2-135M-Instruct (cached)
 bebop mtp data|train|eval|export ...   pre-RL MTP head training with the e2e TV loss
 bebop patch vllm|sglang ...            apply Bebop's patches to an installed engine
 bebop analyze ...                      acceptance-vs-entropy analysis
@@ -80,6 +81,12 @@ def _cmd_demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _cmd_model(argv: list[str]) -> int:
+    from bebop_spec.models.cli import main as model_main
+
+    return model_main(argv)
+
+
 def _cmd_mtp(argv: list[str]) -> int:
     from bebop_spec.train.cli import main as mtp_main
 
@@ -102,6 +109,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_cmd_serve, "run the rollout server (OpenAI + SGLang-native + weight sync)"),
     "generate": (_cmd_generate, "offline generation with speculative stats"),
     "demo": (_cmd_demo, "build / inspect the built-in demo model"),
+    "model": (_cmd_model, "obtain the real default model (SmolLM2-135M-Instruct, cached)"),
     "mtp": (_cmd_mtp, "MTP head: self-distillation data, training, evaluation, export"),
     "patch": (_cmd_patch, "apply / check / revert Bebop's vLLM or SGLang patches"),
     "analyze": (_cmd_analyze, "acceptance-vs-entropy analysis of metrics or JSONL records"),
