@@ -1,10 +1,12 @@
-"""Target decoders (Qwen3 / Qwen2 / Llama), the MTP head, HF checkpoint I/O and the KV cache.
+"""Target decoders (Qwen3 / Qwen2 / Llama), the MTP head, HF checkpoint I/O, the KV cache and
+the real default model (SmolLM2-135M-Instruct, docs/models.md).
 
 Contracts: docs/architecture.md ("models/"); MTP conventions: docs/mtp_layout.md.
 """
 
 from bebop_spec.models.config import ModelConfig
 from bebop_spec.models.decoder import DenseDecoder
+from bebop_spec.models.default_model import ensure_smollm2
 from bebop_spec.models.kv_cache import CacheView, KVCache
 from bebop_spec.models.loader import (
     LoadedModel,
@@ -24,6 +26,7 @@ __all__ = [
     "LoadedModel",
     "MTPHead",
     "ModelConfig",
+    "ensure_smollm2",
     "init_mtp_head",
     "load_config",
     "load_model",
