@@ -29,7 +29,11 @@ def _cmd_generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="bebop generate", description="Generate offline with the embedded engine."
     )
-    parser.add_argument("--model", default=None, help="HF model dir (default: the demo model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF model dir, or 'demo' (default: SmolLM2-135M-Instruct + head)",
+    )
     parser.add_argument("--mtp", default=None, help="separate MTP head dir")
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     parser.add_argument("--draft-mode", default="rs", choices=["rs", "to", "none"])

@@ -120,3 +120,43 @@ def randomize_weights(module: torch.nn.Module, seed: int = 0) -> None:
         for name, p in module.named_parameters():
             noise = 0.1 * torch.randn(p.shape, generator=g)
             p.copy_(1 + noise if "norm" in name else noise)
+
+
+def exact_joint(model_dir: str | Path, params, prompt: list[int], vocab: int, depth: int,
+                device: str = "cpu") -> torch.Tensor:  # fmt: skip
+    """p(x_1..x_depth) for all vocab^depth continuations of `prompt` [vocab^depth] (float64),
+    from full forwards of the target (no cache) under `params`' sampling transforms."""
+    import itertools
+
+    from bebop_spec.models import load_model
+    from bebop_spec.spec import SamplingTensors, process_logits
+
+    target = load_model(str(model_dir), device=device).target
+    st = SamplingTensors.from_params([params], device)
+    joint = torch.ones([vocab] * depth, dtype=torch.float64, device=device)
+    for d in range(depth):
+        prefixes = list(itertools.product(range(vocab), repeat=d))
+        ids = torch.tensor([prompt + list(p) for p in prefixes], device=device)
+        pos = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
+        with torch.no_grad():
+            logits = target.compute_logits(target(ids, pos)[:, -1])
+        probs = process_logits(logits, st.repeat_interleave(len(prefixes))).double()
+        joint = joint * probs.reshape([vocab] * (d + 1) + [1] * (depth - d - 1))
+    return joint.flatten().cpu()
+
+
+def g_test(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of a G-test of `counts` against `probs` (cells expected < 5 pooled); fails if an
+    outcome of probability zero was observed."""
+    from scipy import stats
+
+    expected = probs / probs.sum() * counts.sum()  # float32 transforms: sum is 1 ± 1e-7
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]]).double()
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    assert obs[~keep].sum() == 0, "sampled an outcome of probability zero"
+    obs, exp = obs[keep].numpy(), exp[keep].numpy()
+    exp = exp * (obs.sum() / exp.sum())  # scipy demands equal totals to 1.5e-8
+    _, p = stats.power_divergence(obs, exp, lambda_="log-likelihood")
+    return float(p)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from bebop_spec import LLM, SamplingParams
 from bebop_spec.models import KVCache
+from bebop_spec.models.defaults import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,16 +75,18 @@ def time_engine(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
 
 
 def time_hf(model_dir: str, prompts, max_tokens: int, repeats: int, ignore_eos: bool,
-            dtype: str) -> float:  # fmt: skip
+            dtype: str, device: str = "cpu") -> float:  # fmt: skip
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.eval().to(device)
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
     kw = dict(max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
               pad_token_id=0)  # fmt: skip
     eos = model.generation_config.eos_token_id
@@ -120,15 +123,16 @@ def step_costs(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30
     runner = llm.engine.runner
     mc = llm.engine.model_config
     target, mtp = runner.target, runner.mtp
-    slots = torch.arange(batch)
+    dev = runner.device
+    slots = torch.arange(batch, device=dev)
     dtype = runner.cache.k.dtype
     cache = KVCache(mc.num_hidden_layers, batch, ctx + gamma + 2, mc.num_key_value_heads,
-                    mc.head_dim, dtype)  # fmt: skip
+                    mc.head_dim, dtype, dev)  # fmt: skip
     mcache = KVCache(mtp.num_layers, batch, ctx + gamma + 2, mc.num_key_value_heads, mc.head_dim,
-                     dtype)  # fmt: skip
-    ids = torch.randint(0, mc.vocab_size, (batch, gamma + 1))
-    pos = ctx + torch.arange(gamma + 1)[None].expand(batch, -1)
-    h = torch.randn(batch, 1, mc.hidden_size, dtype=dtype)
+                     dtype, dev)  # fmt: skip
+    ids = torch.randint(0, mc.vocab_size, (batch, gamma + 1), device=dev)
+    pos = ctx + torch.arange(gamma + 1, device=dev)[None].expand(batch, -1)
+    h = torch.randn(batch, 1, mc.hidden_size, dtype=dtype, device=dev)
 
     def verify():
         return target.compute_logits(target(ids, pos, cache, slots))
@@ -144,9 +148,11 @@ def step_costs(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30
         fn()
         best = float("inf")
         for _ in range(3):  # best of 3 blocks: robust to a noisy neighbour
+            _sync(dev)
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
+            _sync(dev)
             best = min(best, (time.perf_counter() - t0) / iters)
         return best
 
@@ -154,12 +160,20 @@ def step_costs(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30
     return clock(draft) / t_verify, t_verify / clock(plain)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=None, help="target dir (default: the demo model)")
-    ap.add_argument("--mtp", default=None, help="MTP head dir (default: the demo's e2e-TV head)")
+    ap.add_argument("--model", default=None,
+                    help="target dir, or 'demo' (default: SmolLM2-135M-Instruct)")  # fmt: skip
+    ap.add_argument("--mtp", default=None, help="MTP head dir (default: the model's Bebop head)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="engine context (prompt + generation); sizes the KV cache")  # fmt: skip
     ap.add_argument("--gamma", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,26 +181,24 @@ def main() -> None:
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
     ap.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
         help="weights and activations, for every engine",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i], for every engine")
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     args = ap.parse_args()
 
-    model, mtp = args.model, args.mtp
-    if model is None:
-        from bebop_spec.demo.cli import default_model
-
-        target, head = default_model()
-        model, mtp = str(target), mtp or str(head)
+    model, mtp = resolve_model(args.model, args.mtp)  # None: SmolLM2 + head; "demo"
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    spec = dict(mtp=mtp, num_speculative_tokens=args.gamma, dtype=args.dtype)
+    common = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes),
+                  max_model_len=args.max_model_len)  # fmt: skip
+    spec = dict(mtp=mtp, num_speculative_tokens=args.gamma, **common)
     engines = {
-        "none": LLM(model, draft_mode=None, dtype=args.dtype),
+        "none": LLM(model, draft_mode=None, **common),
         "to": LLM(model, draft_mode="to", spec_policy="fixed", **spec),
         "rs": LLM(model, draft_mode="rs", spec_policy="fixed", **spec),
         "rs-auto": LLM(model, draft_mode="rs", spec_policy="auto", **spec),
@@ -199,7 +211,8 @@ def main() -> None:
         params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens,
                                 ignore_eos=args.ignore_eos, seed=args.seed)  # fmt: skip
         hf = None if args.skip_hf else time_hf(model, prompts, args.max_tokens, args.repeats,
-                                                args.ignore_eos, args.dtype)  # fmt: skip
+                                                args.ignore_eos, args.dtype,
+                                                args.device)  # fmt: skip
         bar.update(1)
         base, _ = time_engine(engines["none"], prompts, params, args.repeats)
         bar.update(1)
@@ -229,7 +242,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "mtp": mtp, "gamma": args.gamma, "max_tokens": args.max_tokens,
-            "ignore_eos": args.ignore_eos, "dtype": args.dtype, "threads": torch.get_num_threads(), "device": "cpu",
+            "ignore_eos": args.ignore_eos, "dtype": args.dtype, "threads": torch.get_num_threads(), "device": args.device,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     _plot(rows, out.with_suffix(".png"))

@@ -20,7 +20,12 @@ from server.backends import BACKENDS
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--model", default=None, help="HF model directory (default: the built-in demo model)")
+    a(
+        "--model",
+        default=None,
+        help="HF model directory, or 'demo' for the built-in demo model "
+        "(default: SmolLM2-135M-Instruct with its Bebop head, converted once into the cache)",
+    )
     a("--mtp", default=None, help="separate MTP head directory")
     a("--num-speculative-tokens", type=int, default=3)
     a("--draft-mode", default="rs", choices=["rs", "to", "none"])
@@ -77,23 +82,23 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def build_configs(args: argparse.Namespace):
     """(EngineConfig, ServerConfig) from parsed arguments; ValueError on bad combinations."""
     from bebop_spec.engine.config import EngineConfig
+    from bebop_spec.models.defaults import DEMO, resolve_model
     from server.config import ServerConfig
 
-    model, mtp = args.model, args.mtp
-    if model is None:  # the built-in demo model and its e2e-TV head (built once, cached)
-        from bebop_spec.demo.cli import default_model
-
-        target, head = default_model()
-        model, mtp = str(target), mtp or str(head)
+    # None: SmolLM2-135M-Instruct (converted once) + its shipped head; "demo": the demo model
+    model, mtp = resolve_model(args.model, args.mtp)
+    draft_mode = args.draft_mode
+    if mtp is None and args.model is None:  # an install without the shipped head
+        draft_mode = "none"
     engine = EngineConfig(
         model=str(model), mtp=mtp, num_speculative_tokens=args.num_speculative_tokens,
-        draft_mode=None if args.draft_mode == "none" else args.draft_mode,
+        draft_mode=None if draft_mode == "none" else draft_mode,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
         threads=args.threads, spec_policy=args.spec_policy,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
     )  # fmt: skip
-    default_name = "bebop-demo" if args.model is None else Path(model).resolve().name
+    default_name = "bebop-demo" if args.model == DEMO else Path(model).resolve().name
     name = args.served_model_name or default_name
     server = ServerConfig(
         host=args.host, port=args.port, served_model_name=name, admin_token=args.admin_token,

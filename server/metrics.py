@@ -83,6 +83,12 @@ class ServerMetrics:
             "Accepted draft positions by target-entropy bucket (nats).",
             ("entropy_bucket",),
         )
+        self.gamma = hist(
+            "spec_decode_draft_length",
+            "Drafts per row chosen for each decode step (0: a plain step; the auto policy "
+            "chooses it per step, the fixed one always drafts num_speculative_tokens).",
+            tuple(range(9)),
+        )
         self.draft_mode = gauge(
             "spec_decode_draft_mode_info", "Draft mode (1 = active).", ("draft_mode",)
         )
@@ -140,6 +146,8 @@ class ServerMetrics:
         self.prompt_tokens.labels(m).inc(st.num_prompt_tokens)
         self.generation_tokens.labels(m).inc(st.num_generated_tokens)
         self.step_seconds.labels(m).observe(st.step_seconds)
+        if st.gamma is not None and self.engine.config.draft_mode:
+            self.gamma.labels(m).observe(st.gamma)
         if st.num_drafts:
             self.num_drafts.labels(m).inc(st.num_drafts)
             self.num_draft_tokens.labels(m).inc(st.num_draft_tokens)

@@ -17,14 +17,11 @@ configuration.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from scipy import stats
 
 from bebop_spec import LLM, SamplingParams
-from bebop_spec.spec import SamplingTensors, process_logits
+from bebop_spec.testing import exact_joint, g_test
 
 V, K, N = 6, 4, 40_000
 PROMPT = [1, 4, 2]
@@ -36,38 +33,6 @@ def small_vocab_model(tmp_path_factory):
 
     return make_tiny_model(tmp_path_factory.mktemp("v6") / "m", vocab_size=V, seed=11,
                            eos_token_id=V + 100)  # fmt: skip
-
-
-def exact_joint(model_dir, params: SamplingParams) -> torch.Tensor:
-    """p(x_1..x_K) for all V^K outcomes, from full forwards of the target (no cache)."""
-    from bebop_spec.models import load_model
-
-    target = load_model(str(model_dir)).target
-    st = SamplingTensors.from_params([params], "cpu")
-    joint = torch.ones([V] * K, dtype=torch.float64)
-    for depth in range(K):
-        prefixes = list(itertools.product(range(V), repeat=depth))
-        ids = torch.tensor([PROMPT + list(p) for p in prefixes])
-        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
-        with torch.no_grad():
-            logits = target.compute_logits(target(ids, pos)[:, -1])
-        probs = process_logits(logits, st.repeat_interleave(len(prefixes))).double()
-        shape = [V] * (depth + 1) + [1] * (K - depth - 1)
-        joint = joint * probs.reshape(shape)
-    return joint.flatten()
-
-
-def g_test(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs / probs.sum() * counts.sum()  # float32 transforms: sum is 1 ± 1e-7
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]]).double()
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    assert obs[~keep].sum() == 0, "sampled an outcome of probability zero"
-    obs, exp = obs[keep].numpy(), exp[keep].numpy()
-    exp = exp * (obs.sum() / exp.sum())  # scipy demands equal totals to 1.5e-8
-    g, p = stats.power_divergence(obs, exp, lambda_="log-likelihood")
-    return float(p)
 
 
 CONFIGS = [
@@ -96,7 +61,7 @@ def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
     assert idx.shape == (N, K)
     flat = (idx * torch.tensor([V ** (K - 1 - i) for i in range(K)])).sum(1)
     counts = torch.bincount(flat, minlength=V**K).double()
-    probs = exact_joint(small_vocab_model, params)
+    probs = exact_joint(small_vocab_model, params, PROMPT, V, K)
     p_value = g_test(counts, probs)
     if mode != "none":
         s = llm.spec_stats

@@ -85,6 +85,12 @@ class AsyncEngine:
     def spec_totals(self) -> SpecStats:
         return self.engine.spec_totals
 
+    @property
+    def gamma_chosen(self) -> list[int] | None:
+        """Decode steps per draft length γ_t = 0, 1, … under the auto policy; None otherwise."""
+        policy = self.engine.gamma_policy
+        return list(policy.chosen) if policy is not None else None
+
     def add_observer(self, fn: Callable[[StepStats], None]) -> None:
         self.engine.observers.append(fn)
 

@@ -17,6 +17,7 @@ from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.llm_engine import LLMEngine
 from bebop_spec.engine.outputs import RequestOutput, SpecStats
 from bebop_spec.errors import InvalidRequest
+from bebop_spec.models.defaults import DEMO, resolve_model
 from bebop_spec.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -31,11 +32,10 @@ class LLM:
         draft_mode: str | None = "rs",
         **engine_kwargs: Any,
     ) -> None:
-        if model is None:  # the built-in demo model and its e2e-TV head (built once, cached)
-            from bebop_spec.demo.cli import default_model
-
-            target, head = default_model()
-            model, mtp = str(target), mtp or str(head)
+        if model is None or model == DEMO:  # SmolLM2-135M-Instruct + its head, or the demo
+            model, mtp = resolve_model(model, mtp)
+            if mtp is None:  # an install without the shipped head: serve without drafts
+                draft_mode = None
         engine_kwargs.setdefault("max_waiting", 1 << 30)  # offline: the whole batch is queued
         config = EngineConfig(model=str(model), mtp=None if mtp is None else str(mtp),
                               num_speculative_tokens=num_speculative_tokens,

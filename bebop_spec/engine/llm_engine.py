@@ -11,7 +11,6 @@ import torch
 
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.gamma import GammaController
-from bebop_spec.hardware import checkpoint_dtype, resolve_dtype
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.engine.postprocess import append_step, refresh_text
 from bebop_spec.engine.runner import ModelRunner, StepResult
@@ -19,6 +18,7 @@ from bebop_spec.engine.scheduler import Scheduler
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.engine.weights import apply_weight_update
 from bebop_spec.errors import InvalidRequest
+from bebop_spec.hardware import checkpoint_dtype, resolve_dtype
 from bebop_spec.models import LoadedModel, load_model
 from bebop_spec.sampling_params import SamplingParams
 

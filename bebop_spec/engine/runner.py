@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from bebop_spec.engine.config import EngineConfig
-from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.engine.scheduler import prefill_len
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.errors import WeightUpdateError
+from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.models import KVCache, LoadedModel
 from bebop_spec.models.layers import fuse_projections
 from bebop_spec.spec import (

@@ -43,11 +43,16 @@ def train_demo_head(
     num_prompts: int = DEMO_PROMPTS,
     max_tokens: int = DEMO_MAX_TOKENS,
     progress: bool = True,
+    train: dict | None = None,
+    data: dict | None = None,
+    dataset: str | Path | None = None,
 ) -> Path:
     """Self-distil the demo target at T = 1, warm a fresh head up with forward KL for
     `warm_steps`, train it `steps` more with `loss`; returns out_dir, which
     then holds the head (config.json + model.safetensors, `LLM(target, mtp=out_dir)`), plus
-    `data/`, `train_log.jsonl`, `training_curve.png` and `summary.json`."""
+    `data/`, `train_log.jsonl`, `training_curve.png` and `summary.json`. `train` / `data`
+    override TrainConfig / DataConfig fields (a recipe, train/recipes.py); `dataset` reuses an
+    existing self-distillation dataset instead of sampling one."""
     from bebop_spec.train.selfdistill import DataConfig, generate_dataset
     from bebop_spec.train.trainer import TrainConfig, plot_training_curve, train_mtp
 
@@ -55,12 +60,19 @@ def train_demo_head(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     corpus = _demo_corpus(target_dir)
-    data_cfg = DataConfig(model=str(target_dir), out=str(out / "data"), num_prompts=num_prompts,
-                          temperature=1.0, max_tokens=max_tokens, seed=seed,
-                          corpus=str(corpus) if corpus else None)  # fmt: skip
-    meta = generate_dataset(data_cfg, progress=progress)
+    data_cfg = DataConfig(model=str(target_dir), out=str(dataset or out / "data"),
+                          num_prompts=num_prompts, temperature=1.0, max_tokens=max_tokens,
+                          seed=seed, corpus=str(corpus) if corpus else None,
+                          **(data or {}))  # fmt: skip
+    if dataset is None:
+        meta = generate_dataset(data_cfg, progress=progress)
+    else:
+        from bebop_spec.train.data import read_dataset
+
+        meta = read_dataset(dataset).meta
     t_data = time.perf_counter() - t0
-    common = dict(model=str(target_dir), data=data_cfg.out, gamma=gamma, seed=seed, **DEMO_TRAIN)
+    common = dict(model=str(target_dir), data=data_cfg.out, gamma=gamma, seed=seed,
+                  **{**DEMO_TRAIN, **(train or {})})  # fmt: skip
     warm = None
     if warm_steps:
         warm_cfg = TrainConfig(out=str(out / "warm"), loss=WARM_LOSS, steps=warm_steps,

@@ -246,11 +246,28 @@ def cmd_export(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- dispatch
 
+
+def cmd_recipe(argv: list[str]) -> int:
+    from bebop_spec.train.recipes import RECIPES, build
+
+    p = argparse.ArgumentParser(prog="bebop mtp recipe",
+                                description="Rebuild a shipped head from its recipe.")  # fmt: skip
+    p.add_argument("name", choices=sorted(RECIPES))
+    p.add_argument("--out", required=True, help="directory for the head, its logs and summary")
+    p.add_argument("--dataset", default=None, help="reuse this self-distillation dataset")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    out = build(args.name, args.out, dataset=args.dataset, progress=not args.quiet)
+    print(f"head -> {out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (cmd_data, "self-distillation data from the target (demo corpus or --prompts)"),
     "train": (cmd_train, "train a head (ce | fkl | rkl | tv | e2e_tv), resumable"),
     "eval": (cmd_eval, "acceptance per position: analytic and measured, rs and to"),
     "export": (cmd_export, "write the head in the qwen3_next or deepseek_v3 layout"),
+    "recipe": (cmd_recipe, "rebuild a shipped head from its recipe (e.g. smollm2)"),
 }
 
 

@@ -154,6 +154,8 @@ def _server_info(state: ServerState) -> dict:
         "internal_states": [
             {
                 "avg_spec_accept_length": spec.mean_accepted_length,
+                # decode steps per draft length 0, 1, … (auto policy; null when fixed or none)
+                "spec_draft_length_steps": getattr(e, "gamma_chosen", None),
                 "spec_accept_rate": spec.acceptance_rate,
                 "num_running": e.num_running,
                 "num_waiting": e.num_waiting,

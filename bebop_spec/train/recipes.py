@@ -1,0 +1,62 @@
+"""Named head recipes: the exact settings that built a shipped head, so one command rebuilds it.
+
+    bebop mtp recipe smollm2 --out DIR       # self-distil, warm up (FKL), train e2e-TV, export
+    python -c "from bebop_spec.train.recipes import build; build('smollm2', 'DIR')"
+
+A recipe is data: the keyword arguments of `train_demo_head` (which is the generic
+data → warm-up → loss pipeline, despite its name). The shipped head's directory holds a copy of
+its recipe (`recipe.json`), its training log and summary, so what shipped is what this
+rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# SmolLM2-135M-Instruct's head, budgeted for a 2-core CPU (fp32: this machine has no bf16
+# units): 48 demo prompts per domain (math / code / agent) sampled at T = 1 up to 160 tokens,
+# 30 steps of forward KL from a fresh head, then 40 of e2e-TV over γ = 3 chains.
+RECIPES: dict[str, dict] = {
+    "smollm2": {
+        "num_prompts": 48,
+        "max_tokens": 160,
+        "warm_steps": 30,
+        "steps": 40,
+        "gamma": 3,
+        "loss": "e2e_tv",
+        "seed": 0,
+        "data": {"max_num_seqs": 48, "max_model_len": 1024, "dtype": "float32"},
+        "train": {
+            "batch_size": 8,
+            "seq_len": 320,
+            "max_chains": 384,
+            "log_every": 5,
+            "save_every": 0,
+            "dtype": "float32",
+        },  # fmt: skip
+    },
+}
+
+
+def recipe_target(name: str) -> Path:
+    """The target model a recipe trains a head for (converted on first use)."""
+    if name != "smollm2":
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    from bebop_spec.models.default_model import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+def build(name: str, out_dir: str | Path, dataset: str | Path | None = None,
+          progress: bool = True) -> Path:  # fmt: skip
+    """Run recipe `name` into out_dir (the head, recipe.json, logs, summary); returns out_dir."""
+    from bebop_spec.train import train_demo_head
+
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    out = train_demo_head(recipe_target(name), out_dir, progress=progress, dataset=dataset,
+                          **recipe)  # fmt: skip
+    (Path(out) / "recipe.json").write_text(json.dumps({"name": name, **recipe}, indent=2) + "\n")
+    return Path(out)
