@@ -12,6 +12,7 @@ from server.serving.common import AdmissionGate
 from server.serving.control import ControlServing
 from server.serving.generate import GenerateServing
 from server.serving.openai import OpenAIServing
+from server.serving.tokens import TokensServing
 from server.serving.weight_transfer import WeightTransferServing
 from server.serving.weights import WeightServing
 
@@ -26,6 +27,7 @@ class ServerState:
     weights: WeightServing
     control: ControlServing
     weight_transfer: WeightTransferServing
+    tokens: TokensServing
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
@@ -45,4 +47,5 @@ class ServerState:
             weights=weights,
             control=control,
             weight_transfer=WeightTransferServing(weights, control),
+            tokens=TokensServing(openai),
         )

@@ -9,6 +9,7 @@ Server: tiny random Qwen3 with a tokenizer and chat template, `--draft-mode none
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -212,3 +213,34 @@ def test_verl_http_server_adapter_calls(http):
         r = http.request(method, path, json=body) if body is not None else http.get(path)
         assert r.status_code == 200, (path, r.text)
     assert not http.get("/is_paused").json()["is_paused"]
+
+
+def test_inference_v1_generate_tokens_in_tokens_out(http):
+    """vLLM's /inference/v1/generate as SkyRL's RemoteInferenceClient and vLLM's own tests
+    call it ({model, token_ids, sampling_params: {max_tokens, temperature, ignore_eos,
+    logprobs, detokenize}, stream}): choices[0].token_ids, logprobs.content[].logprob
+    ("token_id:N" tokens), finish_reason, usage; greedy output equals /generate's; the
+    streamed deltas concatenate to the same ids; penalties are refused with 400."""
+    body = {"model": "tiny", "token_ids": [1, 2, 3], "stream": False,
+            "sampling_params": {"max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                                "logprobs": 1, "detokenize": False}}  # fmt: skip
+    r = http.post("/inference/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    choice = out["choices"][0]
+    ref = http.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {
+        "max_new_tokens": 5, "temperature": 0, "ignore_eos": True}}).json()  # fmt: skip
+    assert choice["token_ids"] == ref["output_ids"] and choice["finish_reason"] == "length"
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(c["logprob"] == 0.0 and c["top_logprobs"] for c in content)
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert "text" not in choice and out["request_id"]
+    with http.stream("POST", "/inference/v1/generate", json=body | {"stream": True}) as s:
+        lines = [x[6:] for x in s.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(x) for x in lines[:-1]]
+    assert [t for e in events for c in e["choices"] for t in c["token_ids"]] == choice["token_ids"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    bad = body | {"sampling_params": body["sampling_params"] | {"repetition_penalty": 1.1}}
+    assert http.post("/inference/v1/generate", json=bad).status_code == 400

@@ -94,3 +94,39 @@ class FinishWeightUpdateRequest(_Request):
 class WeightCheckerRequest(_Request):
     action: Literal["checksum", "reset", "compare"]
     baseline: dict[str, str] | None = None
+
+
+class TokensSamplingParams(_Request):
+    """vLLM's SamplingParams as /inference/v1/generate takes them (the fields RL clients
+    send). Penalties, min_tokens, logit_bias and prompt_logprobs are refused unless default."""
+
+    n: int = Field(default=1, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)  # None: the context left
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = Field(default=None, ge=0)
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None
+
+
+class TokensGenerateRequest(_Request):
+    """vLLM's tokens-in / tokens-out /inference/v1/generate (SkyRL's RemoteInferenceClient)."""
+
+    request_id: str | None = None
+    token_ids: list[int]
+    sampling_params: TokensSamplingParams = Field(default_factory=TokensSamplingParams)
+    model: str | None = None
+    stream: bool = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.auth import admin_dependency
@@ -85,6 +85,11 @@ def vllm_router(state: ServerState) -> APIRouter:
     @r.post("/weight_checker", dependencies=admin)
     async def weight_checker(req: v.WeightCheckerRequest) -> JSONResponse:
         return JSONResponse(await t.checker(req))
+
+    @r.post("/inference/v1/generate")
+    async def generate_tokens(req: v.TokensGenerateRequest, raw: Request) -> Response:
+        """Tokens in, tokens out (vLLM's disaggregated-serving route; SkyRL's generation)."""
+        return await state.tokens.generate(req, raw)
 
     @r.post("/tokenize")
     async def tokenize(

@@ -90,7 +90,7 @@ class OpenAIServing:
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
         prompts = self._completion_prompts(req.prompt)
-        self._check_counts(req.n, req.logprobs, len(prompts))
+        self.check_counts(req.n, req.logprobs, len(prompts))
         params = [
             self._params(
                 req, req.logprobs, self.checker.max_new_tokens(len(p), req.max_tokens, clamp=False)
@@ -135,7 +135,7 @@ class OpenAIServing:
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
-        self._check_counts(req.n, top, 1)
+        self.check_counts(req.n, top, 1)
         prompt = self.checker.check(self.render_chat(req), param="messages")
         wanted = req.max_completion_tokens or req.max_tokens
         params = [
@@ -164,7 +164,7 @@ class OpenAIServing:
         return list(tok.encode(text, add_special_tokens=False))
 
     # ------------------------------------------------------------------ common
-    def _check_counts(self, n: int, logprobs: int | None, num_prompts: int) -> None:
+    def check_counts(self, n: int, logprobs: int | None, num_prompts: int) -> None:
         if n > self.config.max_n:
             raise bad_request(f"n={n} exceeds the limit {self.config.max_n}", param="n")
         if logprobs is not None and logprobs > self.config.max_logprobs:
@@ -200,7 +200,7 @@ class OpenAIServing:
         try:
             prompts, params = job()
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            streams = await self._start(raw, rid, prompts, params)
+            streams = await self.start(raw, rid, prompts, params)
             stage = "generation"
             fmt = ChoiceFormatter(self, req, rid, prompts, chat=chat)
             if req.stream:
@@ -213,7 +213,9 @@ class OpenAIServing:
         self.metrics.succeeded(finals)
         return reply
 
-    async def _start(self, raw: Request, rid: str, prompts: list, params: list) -> list:
+    async def start(self, raw: Request, rid: str, prompts: list, params: list) -> list:
+        """One tracked engine stream per prompt, advanced to its first output (4xx / 503
+        before any reply starts); held at the admission gate while paused in mode wait."""
         arrival = time.perf_counter()
         await cancel_on_disconnect(raw, self.gate.wait())  # held while paused in mode "wait"
         streams = [
