@@ -18,7 +18,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with serve_model(str(model_dir), str(model_dir / "mtp")) as (srv, state):
+    # Fixed γ: these tests check the spec_* counters, which the auto policy may leave at 0
+    # (it can choose plain decoding from measured step costs).
+    engine = {"spec_policy": "fixed"}
+    with serve_model(str(model_dir), str(model_dir / "mtp"), engine=engine) as (srv, state):
         yield srv, state
 
 

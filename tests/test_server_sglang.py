@@ -24,7 +24,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with serve_model(str(model_dir), str(model_dir / "mtp")) as (srv, state):
+    # Fixed γ: these tests check the spec_* counters, which the auto policy may leave at 0
+    # (it can choose plain decoding from measured step costs).
+    engine = {"spec_policy": "fixed"}
+    with serve_model(str(model_dir), str(model_dir / "mtp"), engine=engine) as (srv, state):
         yield srv, state
 
 
@@ -65,7 +68,8 @@ def test_slime_payload(http, model_dir):
 
 def test_areal_payload_logprobs_are_sampling_logprobs(http):
     """AReaL: explicit defaults for unsupported knobs are accepted; at temperature 1 each
-    reported logprob is log p(token) of the sampling distribution (<= 0, finite)."""
+    reported logprob is log p(token) of the sampling distribution (<= 0, finite). AReaL sends
+    ignore_eos with EOS in stop_token_ids, so a sampled EOS still stops (as in SGLang)."""
     payload = {
         "input_ids": [5, 6, 7],
         "sampling_params": {"top_p": 1.0, "top_k": -1, "max_new_tokens": 20, "min_new_tokens": 0,
@@ -75,8 +79,11 @@ def test_areal_payload_logprobs_are_sampling_logprobs(http):
         "stream": False,
     }  # fmt: skip
     out = http.post("/generate", json=payload).json()
-    assert len(out["output_ids"]) == 20
-    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 20}
+    ids = out["output_ids"]
+    if ids[-1] == EOS and len(ids) < 20:  # ignore_eos, but EOS is in stop_token_ids: it stops
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOS}
+    else:
+        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 20}
     assert all(-50 < lp <= 0 for lp, _, _ in out["meta_info"]["output_token_logprobs"])
 
 
