@@ -43,6 +43,21 @@ def http(server):
         yield c
 
 
+@pytest.fixture(autouse=True)
+def fresh_weights(server, http, models):
+    """Each test starts from m0's target labelled "default", unpaused, with no group or
+    update session left over: tests run in random order (pytest-randomly)."""
+    srv, state = server
+    if state.engine.paused:
+        http.post("/continue_generation", json={})
+    state.weights.session = None
+    for name in list(state.weights.groups):
+        http.post("/destroy_weights_update_group", json={"group_name": name})
+    r = http.post("/update_weights_from_disk", json={"model_path": str(models[0]), "selector": "target",
+                                                     "weight_version": "default"})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
 def offline_greedy(target: Path, mtp: Path) -> list[int]:
     llm = LLM(str(target), mtp=str(mtp))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
