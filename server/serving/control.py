@@ -43,7 +43,8 @@ class ControlServing:
             return
         if mode == "wait":
             self.gate.close()
-            while self.engine.num_running + self.engine.num_waiting > 0:
+            # an already paused engine would never drain: then only the gate closes
+            while not self.engine.paused and self.engine.num_running + self.engine.num_waiting:
                 await asyncio.sleep(DRAIN_POLL_S)
             await self.engine.pause("in_place")
         else:
@@ -64,8 +65,7 @@ class ControlServing:
         await self.engine.pause("retract")
 
     async def resume_memory(self, tags: list[str] | None) -> None:
-        await self.engine.resume()
-        self.gate.open()
+        await self.resume()  # every tag: there is nothing to re-allocate
 
     # -------------------------------------------------------------- tokenizer
     def _tokenizer(self) -> Any:
