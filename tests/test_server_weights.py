@@ -398,7 +398,7 @@ def post(route, body=None):
 tensors = safetensors.torch.load_file(path)
 info = {"names": list(tensors), "dtype_names": [str(v.dtype).replace("torch.", "") for v in tensors.values()],
         "shapes": [list(v.shape) for v in tensors.values()], "packed": False}
-post("/update_weights", {"update_info": info})                      # before start: 409, no broadcast
+post("/update_weights", {"update_info": info})                      # before init: 400, no broadcast
 t = threading.Thread(target=post, args=("/init_weight_transfer_engine", {"init_info": {
     "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2}}))
 t.start()
@@ -422,8 +422,8 @@ def test_vllm_four_phase_weight_transfer(server, http, models):
     mechanism: init_weight_transfer_engine {init_info} -> start_weight_update ->
     update_weights {update_info} (one broadcast per tensor) -> finish_weight_update
     {weight_version}; /weight_info reports the label and greedy output = the pushed weights.
-    update_weights outside a start/finish bracket is 409 and packed=true is 400, both before
-    any broadcast, so the group stays in step."""
+    update_weights before the group exists and packed=true are 400, both before any
+    broadcast, so the group stays in step."""
     port = free_port()
     proc = subprocess.run([sys.executable, "-c", VLLM_TRAINER, server[0].url, str(port),
                            str(models[2] / "model.safetensors")], cwd=REPO, capture_output=True,
@@ -431,7 +431,7 @@ def test_vllm_four_phase_weight_transfer(server, http, models):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [(route, code) for route, code, _ in res] == [
-        ("/update_weights", 409), ("/init_weight_transfer_engine", 200),
+        ("/update_weights", 400), ("/init_weight_transfer_engine", 200),
         ("/start_weight_update", 200), ("/update_weights", 400), ("/update_weights", 200),
         ("/finish_weight_update", 200), ("/destroy_weights_update_group", 200),
     ]  # fmt: skip

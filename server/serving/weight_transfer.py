@@ -7,6 +7,7 @@ the SGLang-style group mechanism of WeightServing:
                                                StatelessProcessGroup + PyNccl)
   start_weight_update / start_draft_weight_update
                                             -> open a session: selector target / draft
+                                               (without one, updates go to the target)
   update_weights {update_info}              -> from_distributed on the one group, with the
                                                session's selector (checked, then swapped)
   finish_weight_update {weight_version?}    -> close the session; label the new weights
@@ -53,16 +54,14 @@ class WeightTransferServing:
         if info.packed:
             raise _failure("update_info.packed (vLLM's packed broadcast) is not supported: "
                            "send packed=false, one broadcast per tensor")  # fmt: skip
-        if self.weights.session is None:
-            raise _failure("no weight update is open: call /start_weight_update first", 409)
-        req = sgl.UpdateWeightsFromDistributedRequest(
+        req = sgl.UpdateWeightsFromDistributedRequest(  # no start_weight_update: the target
             names=info.names, dtypes=info.dtype_names, shapes=info.shapes,
-            selector=self.weights.session, flush_cache=True,
+            selector=self.weights.session or "target", flush_cache=True,
         )  # fmt: skip
         return await self.weights.from_distributed(req)
 
     async def finish(self, weight_version: str | None) -> str:
-        self.weights.end()
+        self.weights.session = None  # closes a start_*_weight_update, if there was one
         if weight_version:
             await self.engine.relabel_weight_version(weight_version)
             self.weights.metrics.refresh_version()
