@@ -145,15 +145,19 @@ def step_costs(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30
         return target.compute_logits(g)
 
     def clock(fn):
+        _sync(dev)
+        t0 = time.perf_counter()
         fn()
+        _sync(dev)
+        n = max(2, min(iters, int(0.3 / max(time.perf_counter() - t0, 1e-6))))  # ~0.3 s a block
         best = float("inf")
         for _ in range(3):  # best of 3 blocks: robust to a noisy neighbour
             _sync(dev)
             t0 = time.perf_counter()
-            for _ in range(iters):
+            for _ in range(n):
                 fn()
             _sync(dev)
-            best = min(best, (time.perf_counter() - t0) / iters)
+            best = min(best, (time.perf_counter() - t0) / n)
         return best
 
     t_verify = clock(verify)

@@ -16,7 +16,7 @@ from scipy import stats
 from bebop_spec.sampling_params import SamplingParams
 from bebop_spec.spec import (
     SamplingTensors,
-    SpecCounters,
+    SpecStats,
     acceptance_rs,
     acceptance_to,
     draft_tokens,
@@ -270,14 +270,14 @@ def test_spec_counters() -> None:
     """Invariant: counters follow vLLM's definitions — acceptance rate = accepted / drafted,
     mean accepted length = 1 + accepted / drafts, accepted_per_pos[j] = #(num_accepted > j);
     merge adds (γ may differ) and leaves its inputs unchanged; out-of-range counts raise."""
-    c = SpecCounters()
+    c = SpecStats()
     assert c.acceptance_rate == 0.0 and c.mean_accepted_length == 0.0
     c.add(torch.tensor([0, 3, 1, 2]), gamma=3)
     assert (c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens) == (4, 12, 6)
     assert c.accepted_per_pos == [3, 2, 1]
     assert c.acceptance_rate == 0.5 and c.mean_accepted_length == 2.5
     assert c.acceptance_rate_per_pos == [0.75, 0.5, 0.25]
-    d = SpecCounters()
+    d = SpecStats()
     d.add([4], gamma=4)
     m = c.merge(d)
     assert m.accepted_per_pos == [4, 3, 2, 1] and m.num_draft_tokens == 16

@@ -2,35 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
-
-@dataclass
-class SpecStats:
-    """Speculative-decoding counters of one completion (or a whole engine)."""
-
-    num_drafts: int = 0  # verification steps that carried drafts
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    accepted_per_pos: list[int] = field(default_factory=list)  # [γ]
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens per verification step, 1 + accepted / drafts (vLLM's definition)."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
-
-    def add(self, num_accepted: int, gamma: int) -> None:
-        if len(self.accepted_per_pos) < gamma:
-            self.accepted_per_pos += [0] * (gamma - len(self.accepted_per_pos))
-        self.num_drafts += 1
-        self.num_draft_tokens += gamma
-        self.num_accepted_tokens += num_accepted
-        for i in range(num_accepted):
-            self.accepted_per_pos[i] += 1
+from bebop_spec.spec.stats import SpecStats
 
 
 @dataclass
@@ -67,21 +42,8 @@ class RequestOutput:
 
     @property
     def spec(self) -> SpecStats:
-        total = SpecStats()
-        for o in self.outputs:
-            total.num_drafts += o.spec.num_drafts
-            total.num_draft_tokens += o.spec.num_draft_tokens
-            total.num_accepted_tokens += o.spec.num_accepted_tokens
-            pos = o.spec.accepted_per_pos
-            total.accepted_per_pos = [
-                a + b
-                for a, b in zip(
-                    total.accepted_per_pos + [0] * (len(pos) - len(total.accepted_per_pos)),
-                    pos + [0] * (len(total.accepted_per_pos) - len(pos)),
-                    strict=True,
-                )
-            ]
-        return total
+        """Counters summed over the request's samples."""
+        return functools.reduce(SpecStats.merge, (o.spec for o in self.outputs), SpecStats())
 
 
 @dataclass

@@ -10,7 +10,7 @@ from bebop_spec.spec.sampling import (
     sample_from_probs,
     top_logprobs,
 )
-from bebop_spec.spec.stats import SpecCounters, entropy
+from bebop_spec.spec.stats import SpecStats, entropy
 from bebop_spec.spec.verify import (
     DRAFT_MODES,
     acceptance_rs,
@@ -24,7 +24,7 @@ from bebop_spec.spec.verify import (
 __all__ = [
     "DRAFT_MODES",
     "SamplingTensors",
-    "SpecCounters",
+    "SpecStats",
     "acceptance_rs",
     "acceptance_to",
     "draft_tokens",

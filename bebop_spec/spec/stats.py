@@ -13,36 +13,41 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class SpecCounters:
-    """Running totals over verification steps; ``accepted_per_pos[j]`` counts chains whose
-    draft j (0-based) was accepted, i.e. num_accepted > j."""
+class SpecStats:
+    """Speculative-decoding counters of one completion, a request or a whole engine (vLLM's
+    definitions); ``accepted_per_pos[j]`` counts chains whose draft j (0-based) was accepted,
+    i.e. num_accepted > j. γ may differ between steps (the auto policy)."""
 
     num_drafts: int = 0  # verification steps (chains) that carried drafts
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    accepted_per_pos: list[int] = field(default_factory=list)  # [γ]
+    accepted_per_pos: list[int] = field(default_factory=list)  # [max γ seen]
 
-    def add(self, num_accepted: torch.Tensor | list[int], gamma: int) -> None:
-        """Count one step of B chains of γ drafts each; num_accepted[B] in [0, γ]."""
-        n = torch.as_tensor(num_accepted, dtype=torch.long).reshape(-1).cpu()
-        if n.numel() and (n.min() < 0 or n.max() > gamma):
-            raise ValueError(f"num_accepted must lie in [0, {gamma}], got {n.tolist()}")
+    def add(self, num_accepted: int | list[int] | torch.Tensor, gamma: int) -> None:
+        """Count chains of γ drafts each; num_accepted (one int, or [B]) in [0, γ]. Plain
+        Python: the engine calls it per sequence per step."""
+        if isinstance(num_accepted, torch.Tensor):
+            ns = num_accepted.reshape(-1).tolist()
+        else:
+            ns = [num_accepted] if isinstance(num_accepted, int) else list(num_accepted)
+        if any(not 0 <= n <= gamma for n in ns):
+            raise ValueError(f"num_accepted must lie in [0, {gamma}], got {ns}")
         self._grow(gamma)
-        self.num_drafts += n.numel()
-        self.num_draft_tokens += n.numel() * gamma
-        self.num_accepted_tokens += int(n.sum())
-        reached = (n.unsqueeze(-1) > torch.arange(gamma)).sum(dim=0).tolist()
-        for j, count in enumerate(reached):
-            self.accepted_per_pos[j] += count
+        self.num_drafts += len(ns)
+        self.num_draft_tokens += len(ns) * gamma
+        self.num_accepted_tokens += sum(ns)
+        for n in ns:
+            for j in range(n):
+                self.accepted_per_pos[j] += 1
 
-    def merge(self, other: SpecCounters) -> SpecCounters:
+    def merge(self, other: SpecStats) -> SpecStats:
         """A new counter holding the sum of both (neither input changes)."""
         size = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
 
         def pad(xs: list[int]) -> list[int]:
             return xs + [0] * (size - len(xs))
 
-        return SpecCounters(
+        return SpecStats(
             self.num_drafts + other.num_drafts,
             self.num_draft_tokens + other.num_draft_tokens,
             self.num_accepted_tokens + other.num_accepted_tokens,

@@ -60,3 +60,28 @@ def build(name: str, out_dir: str | Path, dataset: str | Path | None = None,
                           **recipe)  # fmt: skip
     (Path(out) / "recipe.json").write_text(json.dumps({"name": name, **recipe}, indent=2) + "\n")
     return Path(out)
+
+
+# Held-out data every head of the recipe is judged on: the demo corpus' held-out prompts,
+# sampled at T = 1 with another seed than the training data.
+HELDOUT: dict = {"num_prompts": 8, "max_tokens": 160, "seed": 1, "split": "heldout",
+                 "max_num_seqs": 24, "max_model_len": 1024, "dtype": "float32"}  # fmt: skip
+
+
+def evaluate_head(head_dir: str | Path, work_dir: str | Path, name: str = "smollm2",
+                  dataset: str | Path | None = None, progress: bool = False) -> list[dict]:  # fmt: skip
+    """Analytic held-out acceptance (rs and to, T = 0.7 and 1, γ = 3) of a head of recipe
+    `name`; writes work_dir/eval.json (+ plot) and returns its rows. `dataset`: reuse held-out
+    data made with HELDOUT (else it is sampled into work_dir/heldout)."""
+    from bebop_spec.train.evaluate import EvalConfig, evaluate, write_results
+    from bebop_spec.train.selfdistill import DataConfig, generate_dataset
+
+    target, work = recipe_target(name), Path(work_dir)
+    if dataset is None:
+        dataset = work / "heldout"
+        generate_dataset(DataConfig(model=str(target), out=str(dataset), temperature=1.0,
+                                    **HELDOUT), progress=progress)  # fmt: skip
+    cfg = EvalConfig(model=str(target), mtp=str(head_dir), data=str(dataset),
+                     gamma=RECIPES[name]["gamma"], temperatures=(0.7, 1.0), measured=False)  # fmt: skip
+    path = write_results(evaluate(cfg, progress=progress), cfg, work)
+    return json.loads(path.read_text())["rows"]
