@@ -25,6 +25,8 @@ from server.state import ServerState
 
 logger = logging.getLogger("bebop.server")
 TENSOR_ROUTE = "/update_weights_from_tensor"
+GENERATION_ROUTES = {"/generate", "/v1/completions", "/v1/chat/completions",
+                     "/inference/v1/generate"}  # fmt: skip
 
 
 def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
@@ -44,7 +46,7 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="Bebop rollout server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bebop = state
-    install_error_handlers(app)
+    install_error_handlers(app, on_invalid=lambda path: _count_invalid(state, path))
     routers = [openai_router(state.openai), sglang_router(state), vllm_router(state),
                weights_router(state)]  # fmt: skip
     for router in routers:
@@ -57,3 +59,9 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
     app.add_middleware(AdminGateMiddleware, config=config, paths=admin_paths(routers))
     app.add_middleware(FaultMiddleware)  # outermost of ours: catches what the others raise
     return app
+
+
+def _count_invalid(state: ServerState, path: str) -> None:
+    """A generation request refused by body validation is a failure too (as vLLM counts)."""
+    if path in GENERATION_ROUTES:
+        state.metrics.failed("input_processing", 400)

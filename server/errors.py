@@ -7,6 +7,7 @@ only a genuine server fault is a 500 (logged with its traceback).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,13 +88,18 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     return err.response({"success": False, "message": err.message})
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, on_invalid: Callable[[str], None] | None = None) -> None:
+    """`on_invalid(path)` is told of each request whose body failed validation (the metrics
+    count those on generation routes as input_processing failures)."""
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if on_invalid is not None:
+            on_invalid(request.url.path)
         return _validation_error(request, exc)
 
     @app.exception_handler(StarletteHTTPException)

@@ -176,12 +176,14 @@ def test_failed_reply_counts_as_failure_not_success(http, route, monkeypatch):
 
 
 def test_refused_request_counts_as_input_failure(http):
-    """A 400 before generation is request_failure{stage=input_processing, code=400}."""
+    """A 400 before generation — from the serving layer or from body validation — is
+    request_failure{stage=input_processing, code=400}."""
     before = _counter(http, "request_failure", stage="input_processing", code="400")
     bad = COMPLETION | {"prompt": [10**6]}
     assert http.post("/v1/completions", json=bad).status_code == 400
     assert http.post("/generate", json={"input_ids": [10**6]}).status_code == 400
-    assert _counter(http, "request_failure", stage="input_processing", code="400") == before + 2
+    assert http.post("/v1/completions", json={"prompt": 5}).status_code == 400  # body invalid
+    assert _counter(http, "request_failure", stage="input_processing", code="400") == before + 3
 
 
 def test_eos_stop_has_null_stop_reason(http, server):
