@@ -46,8 +46,8 @@ def test_default_llm_is_smollm2_with_its_head_and_greedy_is_exact():
     gets drafts accepted (acceptance > 0.1 on these answers)."""
     from bebop_spec import LLM, SamplingParams
 
-    spec = LLM(spec_policy="fixed", max_num_seqs=2, max_model_len=512)
-    plain = LLM(draft_mode=None, max_num_seqs=2, max_model_len=512)
+    kw = dict(max_num_seqs=2, max_model_len=512, dtype="float32")
+    spec, plain = LLM(spec_policy="fixed", **kw), LLM(draft_mode=None, **kw)
     assert spec.engine.model_config.num_hidden_layers == 30 and spec.engine.runner.mtp is not None
     tok = spec.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,

@@ -317,7 +317,8 @@ def test_greedy_chat_matches_transformers_generate(smollm2, hf_smollm2):
     chat-templated prompts, up to 32 new tokens or the first <|im_end|> (kept, as HF keeps it)."""
     from bebop_spec import LLM, SamplingParams
 
-    llm = LLM(str(smollm2), draft_mode=None, max_num_seqs=4, max_model_len=1024)
+    llm = LLM(str(smollm2), draft_mode=None, max_num_seqs=4, max_model_len=1024,
+              dtype="float32")  # fmt: skip
     tok = llm.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                        add_generation_prompt=True) for q in CHAT]  # fmt: skip

@@ -79,8 +79,11 @@ def _check_tensors(
 def _write_config(config: Any, out_dir: Path) -> None:
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     config.use_cache = True
-    # transformers >= 4.56 names it `dtype`, older ones `torch_dtype`; bebop reads either
-    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", torch.float32)
+    # The dtype the model runs in, as SmolLM2-135M-Instruct's own config declares it: bf16 is
+    # what `dtype="auto"` picks where the device has bf16 units (bebop_spec/hardware.py); the
+    # file itself stays float32 so the Q4_1 values are exact. transformers >= 4.56 names it
+    # `dtype`, older ones `torch_dtype`; bebop reads either.
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", torch.bfloat16)
     config.save_pretrained(str(out_dir))
 
 
