@@ -31,8 +31,8 @@ from bebop_client import RolloutClient  # noqa: E402
 from bebop_client.consistency import (  # noqa: E402
     check_rollouts,
     logprob_mismatch,
-    main,
     recompute_logprobs,
+    run,
 )
 
 TEMPERATURE = 0.8
@@ -147,7 +147,7 @@ def test_cli(tiny_text_model, tmp_path, capsys):
     prompts.write_text("Hello world\n[5, 9, 2]\n")
     out = tmp_path / "r.json"
     with serve_model(str(tiny_text_model), engine={"draft_mode": None}) as (srv, _):
-        report = main(["--url", srv.url, "--model", str(tiny_text_model), "--prompts",
+        report = run(["--url", srv.url, "--model", str(tiny_text_model), "--prompts",
                        str(prompts), "--prompts", "Hi", "--n", "2", "--max-new-tokens", "8",
                        "--temperature", "1.0", "--json", str(out)])  # fmt: skip
     assert len(report.rollouts) == 3 * 2

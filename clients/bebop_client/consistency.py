@@ -302,7 +302,8 @@ def read_prompts(specs: Sequence[str], tokenizer: Any = None) -> list[list[int]]
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> MismatchReport:
+def run(argv: Sequence[str] | None = None) -> MismatchReport:
+    """The CLI: sample, recompute, print the table, write the JSON; returns the report."""
     ap = argparse.ArgumentParser(prog="python -m bebop_client.consistency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--url", action="append", required=True, help="server URL (repeatable)")
@@ -347,5 +348,10 @@ def main(argv: Sequence[str] | None = None) -> MismatchReport:
     return report
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
