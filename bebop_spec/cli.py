@@ -109,6 +109,15 @@ def _cmd_analyze(argv: list[str]) -> int:
     return analyze_main(argv)
 
 
+def _cmd_consistency(argv: list[str]) -> int:
+    try:
+        from bebop_client.consistency import main as consistency_main
+    except ImportError:
+        print("bebop consistency needs the client: pip install ./clients", file=sys.stderr)
+        return 2
+    return consistency_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_cmd_serve, "run the rollout server (OpenAI + SGLang-native + weight sync)"),
     "generate": (_cmd_generate, "offline generation with speculative stats"),
@@ -117,6 +126,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "mtp": (_cmd_mtp, "MTP head: self-distillation data, training, evaluation, export"),
     "patch": (_cmd_patch, "apply / check / revert Bebop's vLLM or SGLang patches"),
     "analyze": (_cmd_analyze, "acceptance-vs-entropy analysis of metrics or JSONL records"),
+    "consistency": (_cmd_consistency, "trainer vs server logprobs on sampled rollouts (mismatch)"),
 }
 
 
