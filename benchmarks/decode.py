@@ -208,6 +208,7 @@ def main() -> None:
         "rs-auto": LLM(model, draft_mode="rs", spec_policy="auto", **spec),
     }
     tok = engines["none"].tokenizer
+    dtype = engines["none"].engine.dtype  # what "auto" resolved to, for transformers too
     rows = []
     bar = tqdm(total=len(args.batch_sizes) * 5, desc="decode bench")
     for bs in args.batch_sizes:
@@ -215,7 +216,7 @@ def main() -> None:
         params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens,
                                 ignore_eos=args.ignore_eos, seed=args.seed)  # fmt: skip
         hf = None if args.skip_hf else time_hf(model, prompts, args.max_tokens, args.repeats,
-                                                args.ignore_eos, args.dtype,
+                                                args.ignore_eos, dtype,
                                                 args.device)  # fmt: skip
         bar.update(1)
         base, _ = time_engine(engines["none"], prompts, params, args.repeats)
@@ -246,7 +247,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "mtp": mtp, "gamma": args.gamma, "max_tokens": args.max_tokens,
-            "ignore_eos": args.ignore_eos, "dtype": args.dtype, "threads": torch.get_num_threads(), "device": args.device,
+            "ignore_eos": args.ignore_eos, "dtype": dtype, "threads": torch.get_num_threads(), "device": args.device,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     _plot(rows, out.with_suffix(".png"))

@@ -13,11 +13,14 @@ PROMPTS = [[1, 2, 3], [5, 9, 11, 4, 7, 8, 2], [40], [17, 18, 19, 20, 21]]
 
 @pytest.fixture(scope="module")
 def llms(tiny_model):
-    kw = {"mtp": str(tiny_model / "mtp"), "num_speculative_tokens": 3}
+    # Fixed γ: these tests pin seeded reproducibility and drafting every step; the auto
+    # policy has its own tests (test_engine_gamma.py) and is in the greedy check below.
+    kw = {"mtp": str(tiny_model / "mtp"), "num_speculative_tokens": 3, "spec_policy": "fixed"}
     return {
         "none": LLM(str(tiny_model), draft_mode=None),
         "rs": LLM(str(tiny_model), draft_mode="rs", **kw),
         "to": LLM(str(tiny_model), draft_mode="to", **kw),
+        "rs-auto": LLM(str(tiny_model), draft_mode="rs", **{**kw, "spec_policy": "auto"}),
     }
 
 
@@ -37,7 +40,7 @@ def test_plain_greedy_matches_transformers(llms, tiny_model):
         assert ours == ref
 
 
-@pytest.mark.parametrize("mode", ["rs", "to"])
+@pytest.mark.parametrize("mode", ["rs", "to", "rs-auto"])
 def test_greedy_with_speculation_equals_without(llms, mode):
     """Greedy + speculation (a random, mostly-wrong head) equals plain greedy, alone and batched."""
     ref = [o.outputs[0].token_ids for o in llms["none"].generate(PROMPTS, _greedy())]

@@ -3,8 +3,7 @@
 Setup: a random Qwen3 target with a 6-token vocabulary and a deliberately unrelated random
 MTP head. The `auto-*` configurations let the engine choose γ_t ∈ {0..γ} per step from
 earlier steps' timings and acceptance (engine/gamma.py), so plain and drafting steps
-interleave within one request's samples (seeded from the engine: a request seed would pin
-the fixed γ). For each configuration we draw N = 40,000 samples of the first 4 generated tokens
+interleave within one request's samples. For each configuration we draw N = 40,000 samples of the first 4 generated tokens
 (one request, n = N, seeded) and compare their empirical joint distribution over the
 6^4 = 1,296 outcomes with the exact probabilities p(x1) p(x2|x1) p(x3|x1,x2) p(x4|...)
 computed from full forwards of the target under the same sampling transforms. Token 1 comes
@@ -53,9 +52,7 @@ def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
     llm = LLM(str(small_vocab_model), mtp=str(small_vocab_model / "mtp"),
               draft_mode=None if draft == "none" else draft, num_speculative_tokens=gamma,
               spec_policy=policy or "fixed", max_num_seqs=512, seed=2024)  # fmt: skip
-    # auto: seeded from the engine, not the request (a request seed pins the fixed γ)
-    seed = None if policy else 2024
-    params = SamplingParams(max_tokens=K, n=N, seed=seed, ignore_eos=True, **kw)
+    params = SamplingParams(max_tokens=K, n=N, seed=2024, ignore_eos=True, **kw)
     out = llm.generate([PROMPT], params)[0]
     idx = torch.tensor([c.token_ids for c in out.outputs])
     assert idx.shape == (N, K)

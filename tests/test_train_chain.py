@@ -111,12 +111,13 @@ def test_serve_chain_equals_the_engines_q(tiny, tmp_path):
     head = _head(target, "qwen3_next", seed=11)
     save_mtp_head(head, tmp_path / "head", "qwen3_next", target.config, torch.float32)
     llm = LLM(str(model_dir), mtp=str(tmp_path / "head"), num_speculative_tokens=GAMMA,
-              draft_mode="rs", device="cpu", dtype="float32", max_model_len=64)  # fmt: skip
+              draft_mode="rs", device="cpu", dtype="float32", max_model_len=64,
+              spec_policy="fixed")  # fmt: skip
     runner = llm.engine.runner
     rounds, draft = [], runner._draft
 
-    def capture(seqs, st, u, slots):
-        drafts, q = draft(seqs, st, u, slots)
+    def capture(seqs, *rest):
+        drafts, q = draft(seqs, *rest)
         for b, s in enumerate(seqs):
             rounds.append((s.all_ids[: s.num_cached + 1], drafts[b].tolist(), q[b].clone()))
         return drafts, q

@@ -174,12 +174,12 @@ class LLMEngine:
     def _choose_gamma(self, batch) -> int:
         """γ of this step: 0 for prefills and plain engines; the policy's choice under auto.
 
-        A batch holding a request with an explicit seed drafts the fixed γ: the sample a seed
-        produces depends on the draft lengths it was drawn under, and the policy's choices
-        depend on measured timings, so only a fixed γ keeps seeded samples reproducible."""
+        Under auto a seeded request is exactly distributed but not bit-reproducible: the sample
+        a seed produces depends on the draft lengths it was drawn under, which follow measured
+        timings. spec_policy="fixed" (or no speculation) makes seeded samples reproducible."""
         if batch.kind != "decode" or not self.runner.speculative:
             return 0
-        if self.gamma_policy is None or any(s.params.seed is not None for s in batch.seqs):
+        if self.gamma_policy is None:
             return self.runner.gamma
         return self.gamma_policy.choose(len(batch.seqs))
 
