@@ -67,6 +67,22 @@ def test_follows_a_drop_in_acceptance():
     assert late[-50:].count(0) >= 45
 
 
+def test_a_shrinking_batch_does_not_make_drafting_look_cheap():
+    """Requests finish, so a bucket's rows shrink (16 → 9) while plain steps keep being timed at
+    the current rows: a drafting step (1.9× a plain one, acceptance 0.3: tokens 1.3) must be
+    compared with a plain step at the same rows, so γ = 0 wins throughout (> 90 % of steps)."""
+    ctl = GammaController(gamma_max=2)
+    chosen = []
+    for step in range(400):
+        rows = 16 - min(7, step // 40)
+        g = ctl.choose(rows)
+        chosen.append(g)
+        ctl.observe_cost(rows, g, 0.1 * rows * (1 + 0.9 * g))
+        if g:
+            ctl.observe_acceptance([int(i % 10 < 3) for i in range(rows)], g)
+    assert chosen[20:].count(0) / len(chosen[20:]) > 0.9
+
+
 def test_decision_is_a_function_of_history_only():
     """Two controllers fed the same observations make the same choices (no hidden state or
     randomness): γ_t cannot depend on the current step's random draws."""
@@ -108,8 +124,8 @@ def _first_draft_q(engine: LLMEngine, prompt: list[int], gammas: list[int]) -> t
     captured = {}
     draft = engine.runner._draft
 
-    def spy(seqs, st, u, slots):
-        drafts, q = draft(seqs, st, u, slots)
+    def spy(seqs, *rest):
+        drafts, q = draft(seqs, *rest)
         captured["ctx"], captured["q"] = list(seqs[0].all_ids), q[0].clone()
         return drafts, q
 

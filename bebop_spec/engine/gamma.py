@@ -5,15 +5,20 @@ Each decode step picks the γ that maximises expected tokens per second for the 
     tokens(γ) = 1 + Σ_{k=1..γ} Π_{j≤k} α_j          (per row; α_j = P(accept draft j | j-1 accepted))
     rate(γ)   = tokens(γ) / cost(B, γ)               (cost: measured seconds of a step, B rows)
 
-γ = 0 is a plain decode step. Costs are measured online per (batch-size bucket, γ); α comes
-from decayed per-position counts of what verification accepted. The decision reads only
-what happened in earlier steps, never the current step's random draws, so speculative
-sampling stays exactly distributed (tests/test_engine_exactness.py covers `auto`).
+γ = 0 is a plain decode step. Costs are measured online: a plain step's seconds per exact
+row count B, and for γ ≥ 1 the ratio of a drafting step's seconds to the plain cost at the
+same B, per (batch-size bucket, γ). So cost(B, γ) = plain(B) · ratio(bucket(B), γ): a batch
+that shrinks inside a bucket (requests finishing) cannot make drafting look cheap, and the
+ratio survives the slow growth of every step's cost with context length. α comes from decayed
+per-position counts of what verification accepted. The decision reads only what happened in
+earlier steps, never the current step's random draws, so speculative sampling stays exactly
+distributed (tests/test_engine_exactness.py covers `auto`).
 
-Exploration is bounded: each γ ≤ 1 is timed twice per bucket (the first timing of a shape
-is discarded as warm-up); a larger γ is tried only if it could win even if its extra drafts
-were free; every `reprobe_every` steps a bucket re-times its least recently measured γ, so
-estimates follow the context length and the policy's entropy as they drift.
+Exploration is bounded: a new row count is timed with plain steps (the baseline: free);
+γ = 1 is timed twice per bucket (the first timing of a shape is discarded as warm-up); a
+larger γ is tried only if it could win even if its extra drafts were free; every
+`reprobe_every` steps a bucket re-times its least recently measured γ, so estimates follow
+the policy's entropy as it drifts.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ class GammaController:
     prior_weight: float = 2.0
     accepted: list[float] = field(default_factory=list)  # decayed counts per position
     reached: list[float] = field(default_factory=list)
-    costs: dict[tuple[int, int], _Cost] = field(default_factory=dict)
+    plain: dict[int, _Cost] = field(default_factory=dict)  # seconds of a plain step, by rows
+    ratios: dict[tuple[int, int], _Cost] = field(default_factory=dict)  # (bucket, γ≥1) -> ÷ plain
     steps: dict[int, int] = field(default_factory=dict)  # decisions per bucket
     chosen: list[int] = field(default_factory=list)  # histogram of γ_t, index γ
 
@@ -74,9 +80,20 @@ class GammaController:
             out.append(prev)
         return out
 
+    def plain_cost(self, rows: int, exact: bool = False) -> float | None:
+        """Seconds of a plain step of `rows` rows; else (not `exact`) that of the nearest row
+        count measured."""
+        known = {r: c.seconds for r, c in self.plain.items() if c.samples >= 2}
+        if rows in known or exact:
+            return known.get(rows)
+        return known[min(known, key=lambda r: (abs(r - rows), r))] if known else None
+
     def cost(self, rows: int, gamma: int) -> float | None:
-        c = self.costs.get((bucket(rows), gamma))
-        return c.seconds if c is not None and c.samples >= 2 else None
+        base = self.plain_cost(rows, exact=True)
+        if gamma == 0 or base is None:
+            return base
+        c = self.ratios.get((bucket(rows), gamma))
+        return base * c.seconds if c is not None and c.samples >= 2 else None
 
     def rates(self, rows: int) -> dict[int, float]:
         """Expected tokens per second per row for every γ whose cost is known."""
@@ -100,9 +117,8 @@ class GammaController:
 
     def _explore(self, rows: int) -> int | None:
         """An unmeasured γ worth measuring: 0 and 1 always; larger γ only if it could win."""
-        for g in (0, 1):
-            if self.cost(rows, g) is None:
-                return g
+        if self.cost(rows, 0) is None or self.cost(rows, 1) is None:
+            return 0 if self.cost(rows, 0) is None else 1
         rates = self.rates(rows)
         best, alpha, c1 = max(rates.values()), self.alpha(), self.cost(rows, 1)
         for g in range(2, self.gamma_max + 1):
@@ -111,22 +127,29 @@ class GammaController:
         return None
 
     def _reprobe(self, b: int, step: int) -> int | None:
-        """Every `reprobe_every` steps, the γ whose timing is oldest (ties: the smallest)."""
+        """Every `reprobe_every` steps, the drafting γ whose ratio is oldest (ties: smallest)."""
         if step % self.reprobe_every:
             return None
-        measured = [(c.last_step, g) for (bb, g), c in self.costs.items() if bb == b]
+        measured = [(c.last_step, g) for (bb, g), c in self.ratios.items() if bb == b]
         return min(measured)[1] if measured else None
 
     def observe_cost(self, rows: int, gamma: int, seconds: float) -> None:
         """A decode step of `rows` rows and draft length γ took `seconds`."""
         b = bucket(rows)
-        c = self.costs.setdefault((b, gamma), _Cost())
+        if gamma == 0:
+            self._update(self.plain.setdefault(rows, _Cost()), seconds, b)
+            return
+        base = self.plain_cost(rows)
+        if base:
+            self._update(self.ratios.setdefault((b, gamma), _Cost()), seconds / base, b)
+
+    def _update(self, c: _Cost, value: float, b: int) -> None:
         c.samples += 1
         c.last_step = self.steps.get(b, 0)
         if c.samples == 2:  # the first timing of a shape pays warm-up: drop it
-            c.seconds = seconds
+            c.seconds = value
         elif c.samples > 2:
-            c.seconds += self.ema * (seconds - c.seconds)
+            c.seconds += self.ema * (value - c.seconds)
 
     def observe_acceptance(self, num_accepted: list[int], gamma: int) -> None:
         """Per-row accepted-draft counts of one spec step with draft length γ ≥ 1."""
