@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 _GREEDY_EPS = 1e-5
@@ -11,8 +12,9 @@ _GREEDY_EPS = 1e-5
 class SamplingParams:
     """How one prompt is sampled. ``temperature == 0`` means greedy.
 
-    Transforms are applied to logits in this order: temperature, top-k, top-p, min-p.
-    The same transforms are applied to the draft distribution q (DESIGN §2).
+    Transforms are applied to logits in this order: min_tokens, logit_bias, the repetition /
+    frequency / presence penalties (vLLM's semantics, spec/penalties.py), temperature, top-k,
+    top-p, min-p. The same transforms are applied to the draft distribution q (DESIGN §2).
     """
 
     temperature: float = 1.0
@@ -28,12 +30,19 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k alternatives
     raw_logprobs: bool = False  # also report log softmax of the unprocessed (T=1) logits
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0  # minus penalty for each token already in the output
+    frequency_penalty: float = 0.0  # minus penalty x its count in the output
+    repetition_penalty: float = 1.0  # tokens of prompt + output: x>0 -> x/r, x<=0 -> x*r
+    min_tokens: int = 0  # EOS and stop_token_ids impossible before this many tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.logit_bias is not None:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         checks = [
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
@@ -44,6 +53,15 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty < math.inf, "must be > 0"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
+            (
+                "logit_bias",
+                all(t >= 0 and math.isfinite(b) for t, b in (self.logit_bias or {}).items()),
+                "needs token ids >= 0 and finite biases",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -54,6 +72,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether any transform reads the tokens seen so far (spec/penalties.py)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1 or self.min_tokens > 0
+                or bool(self.logit_bias))  # fmt: skip
 
     @property
     def effective_top_k(self) -> int:

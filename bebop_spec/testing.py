@@ -125,22 +125,27 @@ def randomize_weights(module: torch.nn.Module, seed: int = 0) -> None:
 def exact_joint(model_dir: str | Path, params, prompt: list[int], vocab: int, depth: int,
                 device: str = "cpu") -> torch.Tensor:  # fmt: skip
     """p(x_1..x_depth) for all vocab^depth continuations of `prompt` [vocab^depth] (float64),
-    from full forwards of the target (no cache) under `params`' sampling transforms."""
+    from full forwards of the target (no cache) under `params`' sampling transforms; the
+    penalties / min_tokens (with the model's EOS ids) see each prefix as the output so far."""
     import itertools
 
     from bebop_spec.models import load_model
-    from bebop_spec.spec import SamplingTensors, process_logits
+    from bebop_spec.spec import SamplingTensors, TokenHistory, process_logits
 
-    target = load_model(str(model_dir), device=device).target
-    st = SamplingTensors.from_params([params], device)
+    loaded = load_model(str(model_dir), device=device)
+    target = loaded.target
+    st = SamplingTensors.from_params([params], device, loaded.config.eos_token_ids)
     joint = torch.ones([vocab] * depth, dtype=torch.float64, device=device)
     for d in range(depth):
-        prefixes = list(itertools.product(range(vocab), repeat=d))
-        ids = torch.tensor([prompt + list(p) for p in prefixes], device=device)
+        prefixes = [list(p) for p in itertools.product(range(vocab), repeat=d)]
+        ids = torch.tensor([prompt + p for p in prefixes], device=device)
         pos = torch.arange(ids.shape[1], device=device)[None].expand_as(ids)
         with torch.no_grad():
             logits = target.compute_logits(target(ids, pos)[:, -1])
-        probs = process_logits(logits, st.repeat_interleave(len(prefixes))).double()
+        hist = None
+        if st.penalties is not None:
+            hist = TokenHistory.from_ids([prompt] * len(prefixes), prefixes, vocab, device)
+        probs = process_logits(logits, st.repeat_interleave(len(prefixes)), hist).double()
         joint = joint * probs.reshape([vocab] * (d + 1) + [1] * (depth - d - 1))
     return joint.flatten().cpu()
 

@@ -93,6 +93,11 @@ class LLMEngine:
             raise InvalidRequest(f"top_p={params.top_p} rounds to 0 in float32")
         if params.top_k >= 2**63:
             raise InvalidRequest(f"top_k={params.top_k} does not fit in int64")
+        bias = params.logit_bias or {}
+        if any(t >= self.model_config.vocab_size for t in bias):
+            raise InvalidRequest(f"logit_bias token id {max(bias)} outside the vocabulary")
+        if not torch.tensor(list(bias.values()), dtype=torch.float32).isfinite().all():
+            raise InvalidRequest("logit_bias values overflow float32")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; use stop_token_ids")
         seqs = []

@@ -65,7 +65,7 @@ def _check_stop_string(seq: Sequence, tokenizer: Any) -> bool:
         if idx >= 0 and (best is None or idx < best[0]):
             best = (idx, stop)
     seq.text = text
-    if best is None:
+    if best is None or seq.num_completion_tokens < seq.params.min_tokens:  # vLLM: none before
         return False
     idx, stop = best
     seq.text = text[: idx + len(stop)] if seq.params.include_stop_str_in_output else text[:idx]

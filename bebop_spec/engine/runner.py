@@ -26,11 +26,13 @@ from bebop_spec.models import KVCache, LoadedModel
 from bebop_spec.models.layers import fuse_projections
 from bebop_spec.spec import (
     SamplingTensors,
+    TokenHistory,
     draft_tokens,
     draw_uniforms,
     entropy,
     process_logits,
     sample_from_probs,
+    token_counts,
     verify_chain,
 )
 
@@ -98,8 +100,11 @@ class ModelRunner:
             self.mtp_cache = KVCache(mtp_layers, self.num_slots, cache_len,
                                      mc.num_key_value_heads, mc.head_dim, dtype,
                                      self.device)  # fmt: skip
+        self.eos_ids = list(mc.eos_token_ids)
         self._sampling_key: tuple[int, ...] = ()
         self._sampling_cached: SamplingTensors | None = None
+        self._prompt_mask_key: tuple[int, ...] = ()
+        self._prompt_mask: torch.Tensor | None = None
 
     @property
     def speculative(self) -> bool:
@@ -120,10 +125,26 @@ class ModelRunner:
         """The batch's sampling tensors, rebuilt only when the batch's membership changes."""
         key = tuple(s.seq_id for s in seqs)
         if key != self._sampling_key:
-            self._sampling_cached = SamplingTensors.from_params([s.params for s in seqs],
-                                                                self.device)  # fmt: skip
+            params = [s.params for s in seqs]
+            self._sampling_cached = SamplingTensors.from_params(params, self.device, self.eos_ids)
             self._sampling_key = key
         return self._sampling_cached
+
+    def _history(self, seqs: list[Sequence], st: SamplingTensors) -> TokenHistory | None:
+        """What the penalties read at each row's next position; None (no work) when no row of
+        the batch uses them. The prompt mask is rebuilt only when the membership changes."""
+        if st.penalties is None:
+            return None
+        vocab = self.target.lm_head_weight.shape[0]
+        hist = TokenHistory.from_ids(None, [s.token_ids for s in seqs], vocab, self.device)
+        if st.penalties.any_repetition:
+            key = tuple(s.seq_id for s in seqs)
+            if key != self._prompt_mask_key:
+                prompts = [s.prompt_ids for s in seqs]
+                self._prompt_mask = token_counts(prompts, vocab, self.device) > 0
+                self._prompt_mask_key = key
+            hist.prompt_mask = self._prompt_mask
+        return hist
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -217,7 +238,7 @@ class ModelRunner:
     def _sample_one(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepResult]:
         """Sample one token per row from processed logits[B, V]."""
         st = self._sampling(seqs)
-        probs = process_logits(logits, st)
+        probs = process_logits(logits, st, self._history(seqs, st))
         u = draw_uniforms([s.generator for s in seqs], 1)[:, 0].to(self.device)
         tok = sample_from_probs(probs, u)
         return self._records(seqs, logits[:, None], probs[:, None], tok[:, None],
@@ -229,14 +250,15 @@ class ModelRunner:
         st = self._sampling(seqs)
         u = draw_uniforms([s.generator for s in seqs], 2 * gamma + 1).to(dev)
         slots = self._slots(seqs)
-        drafts, q = self._draft(seqs, st, u[:, :gamma], slots)  # [B, γ], [B, γ, V]
+        hist = self._history(seqs, st)  # position k of the chain also saw drafts[:, :k]
+        drafts, q = self._draft(seqs, st, hist, u[:, :gamma], slots)  # [B, γ], [B, γ, V]
 
         start = torch.tensor([s.num_cached for s in seqs], device=dev)
         ids = torch.cat([torch.tensor([[s.last_token] for s in seqs], device=dev), drafts], 1)
         pos = start[:, None] + torch.arange(gamma + 1, device=dev)[None, :]
         hidden = self.target(ids, pos, self.cache, slots)  # [B, γ+1, H]
         logits = self.target.compute_logits(hidden)  # [B, γ+1, V]
-        p = process_logits(logits, st)
+        p = process_logits(logits, st, None if hist is None else hist.along(drafts))
         num_acc, tokens = verify_chain(
             drafts, q, p, u[:, gamma : 2 * gamma], u[:, 2 * gamma], self.mode
         )
@@ -255,9 +277,10 @@ class ModelRunner:
             s.pending_hidden = hidden[b, : a + 1].clone()
         return results
 
-    def _draft(self, seqs: list[Sequence], st: SamplingTensors, u: torch.Tensor,
-               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """γ chained MTP steps → drafts[B, γ] and processed q[B, γ, V]."""
+    def _draft(self, seqs: list[Sequence], st: SamplingTensors, hist: TokenHistory | None,
+               u: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """γ chained MTP steps → drafts[B, γ] and processed q[B, γ, V]; step k's q reads `hist`
+        advanced by the drafts before it."""
         dev = self.device
         pend = [s.pending_hidden for s in seqs]
         n_pairs = torch.tensor([h.shape[0] for h in pend], device=dev)
@@ -277,9 +300,11 @@ class ModelRunner:
                 pos_k = (last_pos + k)[:, None]
                 g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, slots,
                              embed=self.target.embed, step=k)[:, 0]  # fmt: skip
-            q_k = process_logits(self.target.compute_logits(g), st)
+            q_k = process_logits(self.target.compute_logits(g), st, hist)
             drafts.append(draft_tokens(q_k, u[:, k], self.mode))
             qs.append(q_k)
+            if hist is not None:
+                hist = hist.advance(drafts[-1])
         return torch.stack(drafts, 1), torch.stack(qs, 1)
 
     # ------------------------------------------------------------------ records

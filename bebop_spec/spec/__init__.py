@@ -1,6 +1,7 @@
 """Pure tensor functions of speculative decoding: sampling transforms, chain verification
 (rs / to / greedy), acceptance formulas and statistics. See docs/architecture.md "spec/"."""
 
+from bebop_spec.spec.penalties import PenaltyTensors, TokenHistory, apply_penalties, token_counts
 from bebop_spec.spec.sampling import (
     SamplingTensors,
     draw_uniforms,
@@ -23,10 +24,13 @@ from bebop_spec.spec.verify import (
 
 __all__ = [
     "DRAFT_MODES",
+    "PenaltyTensors",
     "SamplingTensors",
     "SpecStats",
+    "TokenHistory",
     "acceptance_rs",
     "acceptance_to",
+    "apply_penalties",
     "draft_tokens",
     "draw_uniforms",
     "entropy",
@@ -36,6 +40,7 @@ __all__ = [
     "process_logits",
     "sample_from_probs",
     "speedup_bound",
+    "token_counts",
     "top_logprobs",
     "verify_chain",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bebop_spec.sampling_params import SamplingParams
+from bebop_spec.spec.penalties import PenaltyTensors, TokenHistory, apply_penalties
 
 
 @dataclass(eq=False)
@@ -25,6 +26,7 @@ class SamplingTensors:
     top_p: torch.Tensor  # float32, 1 = off
     min_p: torch.Tensor  # float32, 0 = off
     greedy: torch.Tensor  # bool
+    penalties: PenaltyTensors | None = None  # None: no row reads its token history
     # Whole-batch switches, read once here so process_logits can skip work without a sync.
     any_top_k: bool = field(init=False)
     any_top_p: bool = field(init=False)
@@ -42,8 +44,11 @@ class SamplingTensors:
 
     @classmethod
     def from_params(
-        cls, params: Sequence[SamplingParams], device: torch.device | str = "cpu"
-    ) -> SamplingTensors:
+        cls, params: Sequence[SamplingParams], device: torch.device | str = "cpu",
+        eos_ids: Sequence[int] = (),
+    ) -> SamplingTensors:  # fmt: skip
+        """eos_ids: the model's EOS ids, blocked (with stop_token_ids) below min_tokens."""
+
         def col(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
@@ -53,6 +58,7 @@ class SamplingTensors:
             top_p=col([sp.top_p for sp in params], torch.float32),
             min_p=col([sp.min_p for sp in params], torch.float32),
             greedy=col([sp.greedy for sp in params], torch.bool),
+            penalties=PenaltyTensors.from_params(params, eos_ids, device),
         )
 
     def __len__(self) -> int:
@@ -73,18 +79,27 @@ class SamplingTensors:
         return self._map(lambda t: t.to(device))
 
     def _map(self, fn) -> SamplingTensors:
-        return SamplingTensors(
-            fn(self.temperature), fn(self.top_k), fn(self.top_p), fn(self.min_p), fn(self.greedy)
-        )
+        pen = None if self.penalties is None else self.penalties.map(fn)
+        return SamplingTensors(fn(self.temperature), fn(self.top_k), fn(self.top_p),
+                               fn(self.min_p), fn(self.greedy), pen)  # fmt: skip
 
 
-def process_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """logits[B,...,V] -> probs[B,...,V] float32: temperature, top-k, top-p, min-p, renormalised.
+def process_logits(
+    logits: torch.Tensor, st: SamplingTensors, history: TokenHistory | None = None
+) -> torch.Tensor:
+    """logits[B,...,V] -> probs[B,...,V] float32: penalties, temperature, top-k, top-p, min-p,
+    renormalised.
 
-    Row b's parameters apply to every position in its ``...`` dims (e.g. a [B,γ,V] chain).
-    Greedy rows are exactly one-hot at the argmax of the raw logits (first index on ties).
+    Row b's parameters apply to every position in its ``...`` dims (e.g. a [B,γ,V] chain);
+    ``history`` (leading dims [B,...]) is what the penalties read there, needed iff
+    ``st.penalties``. Greedy rows are exactly one-hot at the argmax of the penalised logits
+    (first index on ties).
     """
     logits = logits.float()
+    if st.penalties is not None:
+        if history is None:
+            raise ValueError("rows with penalties / min_tokens / logit_bias need a TokenHistory")
+        logits = apply_penalties(logits, st.penalties, history)
     if st.all_greedy:
         return _one_hot_argmax(logits)
     shape = (logits.shape[0],) + (1,) * (logits.dim() - 1)  # per-row value, broadcast over ...,V
