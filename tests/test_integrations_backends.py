@@ -105,6 +105,18 @@ def test_vllm_sampling_params_mapping():
     )
     assert kw["top_k"] == 0 and kw["top_p"] == 0.9 and kw["min_p"] == 0.1 and kw["stop"] == ["x"]
     assert kw["logprobs"] == 2 and kw["seed"] == 3 and kw["stop_token_ids"] is None
+    kw = vllm_backend.sampling_params_kwargs(
+        SamplingParams(
+            repetition_penalty=1.2,
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+            min_tokens=2,
+            logit_bias={4: -1.0},
+        )
+    )
+    assert kw["repetition_penalty"] == 1.2 and kw["presence_penalty"] == 0.5
+    assert kw["frequency_penalty"] == 0.3
+    assert kw["min_tokens"] == 2 and kw["logit_bias"] == {4: -1.0}
 
 
 def _lp(d):
@@ -242,6 +254,17 @@ def test_sglang_engine_args_and_params(model_dir):
         and p["max_new_tokens"] == 4
         and p["no_stop_trim"]
     )
+
+
+def test_sglang_sampling_params_pass_penalties():
+    """Penalties, min_tokens and logit_bias reach SGLang under its names, never dropped."""
+    p = sglang_backend.sampling_params_dict(
+        SamplingParams(
+            repetition_penalty=1.2, frequency_penalty=0.3, min_tokens=2, logit_bias={4: -1.0}
+        )
+    )
+    assert p["repetition_penalty"] == 1.2 and p["frequency_penalty"] == 0.3
+    assert p["min_new_tokens"] == 2 and p["logit_bias"] == {"4": -1.0}
 
 
 class FakeTM:

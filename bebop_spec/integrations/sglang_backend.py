@@ -70,8 +70,14 @@ def sampling_params_dict(params: SamplingParams) -> dict[str, Any]:
         "stop_token_ids": list(params.stop_token_ids) or None,
         "ignore_eos": params.ignore_eos,
         "no_stop_trim": params.include_stop_str_in_output,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
+        "repetition_penalty": params.repetition_penalty,
+        "min_new_tokens": params.min_tokens,
         "n": 1,
     }
+    if params.logit_bias:
+        out["logit_bias"] = {str(t): b for t, b in params.logit_bias.items()}
     if params.seed is not None:
         out["sampling_seed"] = params.seed
     return out
