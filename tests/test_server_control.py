@@ -220,7 +220,7 @@ def test_inference_v1_generate_tokens_in_tokens_out(http):
     call it ({model, token_ids, sampling_params: {max_tokens, temperature, ignore_eos,
     logprobs, detokenize}, stream}): choices[0].token_ids, logprobs.content[].logprob
     ("token_id:N" tokens), finish_reason, usage; greedy output equals /generate's; the
-    streamed deltas concatenate to the same ids; penalties are refused with 400."""
+    streamed deltas concatenate to the same ids; prompt_logprobs is refused with 400."""
     body = {"model": "tiny", "token_ids": [1, 2, 3], "stream": False,
             "sampling_params": {"max_tokens": 5, "temperature": 0, "ignore_eos": True,
                                 "logprobs": 1, "detokenize": False}}  # fmt: skip
@@ -242,5 +242,5 @@ def test_inference_v1_generate_tokens_in_tokens_out(http):
     events = [json.loads(x) for x in lines[:-1]]
     assert [t for e in events for c in e["choices"] for t in c["token_ids"]] == choice["token_ids"]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    bad = body | {"sampling_params": body["sampling_params"] | {"repetition_penalty": 1.1}}
+    bad = body | {"sampling_params": body["sampling_params"] | {"prompt_logprobs": 1}}
     assert http.post("/inference/v1/generate", json=bad).status_code == 400

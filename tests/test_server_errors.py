@@ -62,14 +62,14 @@ BAD = [
     (CMPL, {"prompt": [1], "n": 1000}, 400),
     (CMPL, {"prompt": [1], "logprobs": 99}, 400),
     (CMPL, {"prompt": [1], "stop": ["x"] * 100}, 400),
-    (CMPL, {"prompt": [1], "frequency_penalty": 0.5}, 400),
+    (CMPL, {"prompt": [1], "frequency_penalty": 2.5}, 400),  # outside [-2, 2]
     ("/v1/chat/completions", {"messages": []}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400),  # no template
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ("/generate", {"text": "a", "input_ids": [1]}, 400),
     ("/generate", {"sampling_params": {}}, 400),
     ("/generate", {"input_ids": [1], "sampling_params": {"bogus": 1}}, 400),
-    ("/generate", {"input_ids": [1], "sampling_params": {"frequency_penalty": 0.5}}, 400),
+    ("/generate", {"input_ids": [1], "sampling_params": {"repetition_penalty": 0}}, 400),
     ("/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": -1}}, 400),
     ("/generate", {"input_ids": [1], "sampling_params": {"n": 0}}, 400),
     ("/generate", {"input_ids": [1], "sampling_params": {"temperature": "hot"}}, 400),

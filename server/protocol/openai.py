@@ -2,7 +2,7 @@
 
 Fields marked `# ext` are extensions (vLLM / SGLang spelling) that the official API lacks.
 Unknown request fields are ignored, as OpenAI-compatible servers usually do; fields we know
-but cannot honour (penalties, logit_bias, tools, ...) are rejected by the serving layer when
+but cannot honour (tools, echo, suffix, ...) are rejected by the serving layer when
 set to a non-default value, never silently dropped.
 """
 
@@ -51,6 +51,7 @@ class CompletionRequest(_Request):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -101,6 +102,7 @@ class ChatCompletionRequest(_Request):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False

@@ -26,10 +26,10 @@ class SGLangSamplingParams(BaseModel):
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(default=-1, ge=-1)
     min_p: float | None = Field(default=0.0, ge=0.0, le=1.0)
-    frequency_penalty: float | None = 0.0  # unsupported unless 0
-    presence_penalty: float | None = 0.0  # unsupported unless 0
-    repetition_penalty: float | None = 1.0  # unsupported unless 1
-    min_new_tokens: int | None = 0  # unsupported unless 0
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    repetition_penalty: float | None = 1.0
+    min_new_tokens: int | None = 0
     n: int | None = Field(default=1, ge=1)
     json_schema: str | None = None  # unsupported
     regex: str | None = None  # unsupported
@@ -40,7 +40,7 @@ class SGLangSamplingParams(BaseModel):
     spaces_between_special_tokens: bool | None = True  # accepted, no effect
     no_stop_trim: bool | None = False
     stream_interval: int | None = None  # accepted, no effect
-    logit_bias: dict[str, float] | None = None  # unsupported unless empty
+    logit_bias: dict[str, float] | None = None
     sampling_seed: int | None = None
     custom_params: dict[str, Any] | None = None  # accepted, no effect
 

@@ -98,7 +98,7 @@ class WeightCheckerRequest(_Request):
 
 class TokensSamplingParams(_Request):
     """vLLM's SamplingParams as /inference/v1/generate takes them (the fields RL clients
-    send). Penalties, min_tokens, logit_bias and prompt_logprobs are refused unless default."""
+    send). prompt_logprobs is refused unless default."""
 
     n: int = Field(default=1, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)

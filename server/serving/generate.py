@@ -148,16 +148,11 @@ class GenerateServing:
     ) -> SamplingParams | None:
         reject_unsupported(
             {
-                "frequency_penalty": (sp.frequency_penalty, 0.0),
-                "presence_penalty": (sp.presence_penalty, 0.0),
-                "repetition_penalty": (sp.repetition_penalty, 1.0),
-                "min_new_tokens": (sp.min_new_tokens, 0),
                 "json_schema": (sp.json_schema, None),
                 "regex": (sp.regex, None),
                 "ebnf": (sp.ebnf, None),
                 "structural_tag": (sp.structural_tag, None),
                 "stop_regex": (sp.stop_regex or None, None),
-                "logit_bias": (sp.logit_bias or None, None),
             }
         )
         n = sp.n or 1
@@ -186,6 +181,11 @@ class GenerateServing:
             ignore_eos=bool(sp.ignore_eos),
             logprobs=top if (logprob or top) else None,
             include_stop_str_in_output=bool(sp.no_stop_trim),
+            frequency_penalty=sp.frequency_penalty,
+            presence_penalty=sp.presence_penalty,
+            repetition_penalty=sp.repetition_penalty,
+            min_tokens=sp.min_new_tokens,
+            logit_bias=sp.logit_bias,
         )
 
     # -------------------------------------------------------------- serving

@@ -81,10 +81,6 @@ class OpenAIServing:
             {
                 "echo": (req.echo, False),
                 "suffix": (req.suffix, None),
-                "frequency_penalty": (req.frequency_penalty, 0.0),
-                "presence_penalty": (req.presence_penalty, 0.0),
-                "repetition_penalty": (req.repetition_penalty, 1.0),
-                "logit_bias": (req.logit_bias, None),
             }
         )
         if req.best_of is not None and req.best_of != req.n:
@@ -123,10 +119,6 @@ class OpenAIServing:
         self.check_model(req.model)
         reject_unsupported(
             {
-                "frequency_penalty": (req.frequency_penalty, 0.0),
-                "presence_penalty": (req.presence_penalty, 0.0),
-                "repetition_penalty": (req.repetition_penalty, 1.0),
-                "logit_bias": (req.logit_bias, None),
                 "tools": (req.tools or None, None),
             }
         )
@@ -191,6 +183,12 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens,
+            # OpenAI: biases lie in [-100, 100] (vLLM clamps them the same way)
+            logit_bias={t: min(100.0, max(-100.0, b)) for t, b in (req.logit_bias or {}).items()},
         )
 
     async def _run(self, req, raw, job, *, chat: bool) -> Response:

@@ -57,11 +57,7 @@ class TokensServing:
     def _job(self, req: v.TokensGenerateRequest) -> tuple[list[int], Any]:
         o, sp = self.openai, req.sampling_params
         o.check_model(req.model)
-        reject_unsupported({"presence_penalty": (sp.presence_penalty, 0.0),
-                            "frequency_penalty": (sp.frequency_penalty, 0.0),
-                            "repetition_penalty": (sp.repetition_penalty, 1.0),
-                            "min_tokens": (sp.min_tokens, 0), "logit_bias": (sp.logit_bias, None),
-                            "prompt_logprobs": (sp.prompt_logprobs, None)})  # fmt: skip
+        reject_unsupported({"prompt_logprobs": (sp.prompt_logprobs, None)})
         prompt = o.checker.check(req.token_ids, param="token_ids")
         o.check_counts(sp.n, sp.logprobs, 1)
         stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
@@ -71,6 +67,9 @@ class TokensServing:
             n=sp.n, seed=sp.seed, stop=stop, stop_token_ids=sp.stop_token_ids,
             ignore_eos=sp.ignore_eos, logprobs=sp.logprobs,
             include_stop_str_in_output=sp.include_stop_str_in_output,
+            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+            repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_tokens,
+            logit_bias=sp.logit_bias,
         )  # fmt: skip
         return prompt, params
 
