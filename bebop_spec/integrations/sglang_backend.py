@@ -37,7 +37,7 @@ def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) ->
     """sglang.Engine keywords (ServerArgs) for an EngineConfig; extra / $BEBOP_ENGINE_ARGS win."""
     args: dict[str, Any] = {
         "model_path": config.model,
-        "dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[config.dtype],
+        "dtype": config.dtype,  # auto | float32 | bfloat16 | float16: both engines take these
         "random_seed": config.seed,
         "max_running_requests": config.max_num_seqs,
         "enable_metrics": True,

@@ -41,7 +41,7 @@ def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) ->
     """AsyncEngineArgs keywords for an EngineConfig (extra wins; $BEBOP_ENGINE_ARGS is JSON)."""
     args: dict[str, Any] = {
         "model": config.model,
-        "dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[config.dtype],
+        "dtype": config.dtype,  # auto | float32 | bfloat16 | float16: both engines take these
         "seed": config.seed,
         "max_num_seqs": config.max_num_seqs,
         "logprobs_mode": "processed_logprobs",
