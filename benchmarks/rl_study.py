@@ -119,7 +119,8 @@ def grpo_command(cfg: Config, model: Path, heads: dict, out: Path, args) -> list
            "--out", str(out), "--steps", str(args.steps), "--prompts-per-step",
            str(args.prompts_per_step), "--group-size", str(args.group_size), "--max-tokens",
            str(args.max_tokens), "--lr", str(args.lr), "--temperature", str(args.temperature),
-           "--entropy-coef", str(args.entropy_coef), "--seed", str(args.seed), "--quiet"]  # fmt: skip
+           "--entropy-coef", str(args.entropy_coef), "--seed", str(args.seed), "--quiet",
+           "--spec-policy", "fixed"]  # the study measures acceptance: every step drafts γ  # fmt: skip
     if args.temperature_end is not None:
         cmd += ["--temperature-end", str(args.temperature_end)]
     if cfg.head:

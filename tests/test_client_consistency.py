@@ -113,7 +113,7 @@ def test_server_logprobs_match_hf_model(tiny_text_model, hf_models, draft_mode):
     from server.testing import serve_model
 
     same, other = hf_models
-    engine = {"draft_mode": draft_mode, "max_model_len": 128}
+    engine = {"draft_mode": draft_mode, "max_model_len": 128, "spec_policy": "fixed"}
     sp = {"temperature": TEMPERATURE, "max_new_tokens": 16, "ignore_eos": True,
           "sampling_seed": 7}  # fmt: skip
     mtp = str(tiny_text_model / "mtp") if draft_mode else None  # the dir's random head

@@ -67,7 +67,7 @@ def test_async_steps_over_gloo_with_a_server_subprocess(tiny, tmp_path):
     and each steps.jsonl line is strict JSON with every logged field well typed."""
     out = tmp_path / "run"
     proc = run_grpo("--model", str(tiny), "--mtp", str(tiny / "mtp"), "--steps", "2",
-                    "--out", str(out), *SMALL)  # fmt: skip
+                    "--spec-policy", "fixed", "--out", str(out), *SMALL)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = read_steps(out)
     assert [s["step"] for s in steps] == [0, 1]

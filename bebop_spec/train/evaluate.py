@@ -207,6 +207,7 @@ def measured_acceptance(
     max_len = max(len(ids) for _, ids in flat) + cfg.max_tokens + cfg.gamma + 2
     for mode in cfg.modes:
         llm = LLM(cfg.model, mtp=cfg.mtp, num_speculative_tokens=cfg.gamma, draft_mode=mode,
+                  spec_policy="fixed",  # measures the head at γ: every step drafts γ
                   max_num_seqs=min(64, len(flat)), max_model_len=max_len, dtype=cfg.dtype,
                   device=cfg.device, seed=cfg.seed)  # fmt: skip
         for t in cfg.temperatures:

@@ -65,7 +65,8 @@ def execute(cfg: GRPOConfig) -> list[dict]:
                                     1) from exc  # fmt: skip
         return _train(cfg, cfg.server.rstrip("/"))
     with launch_server(cfg.model, mtp=cfg.mtp, draft_mode=cfg.draft_mode, gamma=cfg.gamma,
-                       log_path=Path(cfg.out) / "server.log", seed=cfg.seed,
+                       spec_policy=cfg.spec_policy, log_path=Path(cfg.out) / "server.log",
+                       seed=cfg.seed,
                        max_num_seqs=cfg.max_num_seqs) as url:  # fmt: skip
         return _train(cfg, url)
 

@@ -41,6 +41,7 @@ class GRPOConfig:
     online_head: str | None = None  # ce | tv | e2e_tv: train the head during RL
     head_lr: float = 3e-4
     gamma: int = 3
+    spec_policy: str = "auto"  # the server's: auto (γ_t per step) or fixed (every step drafts γ)
     push: str = "distributed"
     master_address: str = "127.0.0.1"  # the trainer's address as the server sees it
     max_ops: int = 2  # problem difficulty: 1..max_ops operations
@@ -114,6 +115,12 @@ def args_parser(description: str = "GRPO against a Bebop server") -> argparse.Ar
     a("--online-head", choices=ONLINE_HEAD_LOSSES, help="also train the MTP head online")
     a("--head-lr", type=float, default=3e-4)
     a("--gamma", type=int, default=3, help="speculative tokens per step")
+    a(
+        "--spec-policy",
+        default="auto",
+        choices=["auto", "fixed"],
+        help="the launched server's draft-length policy (fixed: every step drafts --gamma)",
+    )
     a("--push", default="distributed", choices=PUSH_METHODS, help="gloo group or HTTP body")
     a("--master-address", default="127.0.0.1", help="trainer address for the gloo group")
     a("--max-ops", type=int, default=2, help="operations per problem (1-4)")
@@ -151,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
         entropy_coef=args.entropy_coef, clip=args.clip, seed=args.seed,
         async_mode=not args.sync, max_staleness=args.max_staleness,
         stale_decay=args.stale_decay, online_head=args.online_head, head_lr=args.head_lr,
-        gamma=args.gamma, push=args.push, master_address=args.master_address,
+        gamma=args.gamma, spec_policy=args.spec_policy, push=args.push, master_address=args.master_address,
         max_ops=args.max_ops, level=None if args.level < 0 else args.level,
         micro_batch=args.micro_batch, max_num_seqs=args.max_num_seqs, threads=args.threads,
         quiet=args.quiet, plot=not args.no_plot,

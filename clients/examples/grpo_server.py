@@ -33,11 +33,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def serve_command(model: str, port: int, mtp: str | None, draft_mode: str, gamma: int,
-                  max_num_seqs: int, seed: int) -> list[str]:  # fmt: skip
+                  max_num_seqs: int, seed: int, spec_policy: str = "auto") -> list[str]:  # fmt: skip
     cmd = [sys.executable, "-m", "bebop_spec.cli", "serve", "--model", model,
            "--host", "127.0.0.1", "--port", str(port), "--draft-mode", draft_mode,
            "--num-speculative-tokens", str(gamma), "--max-num-seqs", str(max_num_seqs),
-           "--seed", str(seed), "--log-level", "warning"]  # fmt: skip
+           "--spec-policy", spec_policy, "--seed", str(seed), "--log-level", "warning"]  # fmt: skip
     return cmd + (["--mtp", mtp] if mtp and draft_mode != "none" else [])
 
 
@@ -79,10 +79,10 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def launch_server(model: str, *, mtp: str | None, draft_mode: str, log_path: Path,
                   gamma: int = 3, max_num_seqs: int = 64, seed: int = 0,
-                  timeout_s: float = 300.0) -> Iterator[str]:  # fmt: skip
+                  spec_policy: str = "auto", timeout_s: float = 300.0) -> Iterator[str]:  # fmt: skip
     """Yield the URL of a fresh server subprocess; its output goes to `log_path`."""
     port = free_port()
-    cmd = serve_command(model, port, mtp, draft_mode, gamma, max_num_seqs, seed)
+    cmd = serve_command(model, port, mtp, draft_mode, gamma, max_num_seqs, seed, spec_policy)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
