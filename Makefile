@@ -3,7 +3,7 @@
 PY ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev serve test test-slow lint bench
+.PHONY: install install-dev serve test test-random test-slow lint bench
 
 install:
 	$(PY) -m pip install $(TORCH)
@@ -17,7 +17,11 @@ serve: install
 	bebop serve
 
 test:
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -p no:randomly tests
+
+# Every test passes alone and in any order: the default suite shuffled (pytest-randomly), SEED=N.
+test-random:
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(SEED),--randomly-seed=$(SEED)) tests
 
 test-slow:
 	$(PY) -m pytest -q -m slow tests
