@@ -191,6 +191,8 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i], for every engine")
+    ap.add_argument("--engines", nargs="+", default=["to", "rs", "rs-auto"],
+                    choices=["to", "rs", "rs-auto"], help="speculative rows (none always runs)")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     args = ap.parse_args()
 
@@ -201,16 +203,15 @@ def main() -> None:
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes),
                   max_model_len=args.max_model_len)  # fmt: skip
     spec = dict(mtp=mtp, num_speculative_tokens=args.gamma, **common)
-    engines = {
-        "none": LLM(model, draft_mode=None, **common),
-        "to": LLM(model, draft_mode="to", spec_policy="fixed", **spec),
-        "rs": LLM(model, draft_mode="rs", spec_policy="fixed", **spec),
-        "rs-auto": LLM(model, draft_mode="rs", spec_policy="auto", **spec),
-    }
+    kinds = {"to": ("to", "fixed"), "rs": ("rs", "fixed"), "rs-auto": ("rs", "auto")}
+    spec_modes = [m for m in kinds if m in args.engines]
+    engines = {"none": LLM(model, draft_mode=None, **common)}
+    for m in spec_modes:
+        engines[m] = LLM(model, draft_mode=kinds[m][0], spec_policy=kinds[m][1], **spec)
     tok = engines["none"].tokenizer
     dtype = engines["none"].engine.dtype  # what "auto" resolved to, for transformers too
     rows = []
-    bar = tqdm(total=len(args.batch_sizes) * 5, desc="decode bench")
+    bar = tqdm(total=len(args.batch_sizes) * (2 + len(spec_modes)), desc="decode bench")
     for bs in args.batch_sizes:
         prompts = demo_prompts(tok, bs, args.seed) if tok is not None else [[1, 2, 3]] * bs
         params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens,
@@ -224,7 +225,7 @@ def main() -> None:
         rows.append({"batch": bs, "engine": "transformers", "tok_s": hf})
         rows.append({"batch": bs, "engine": "bebop-none", "tok_s": base,
                      "vs_transformers": base / hf if hf else None})  # fmt: skip
-        for mode in ("to", "rs", "rs-auto"):
+        for mode in spec_modes:
             llm = engines[mode]
             s0 = _snapshot(llm)
             tps, _ = time_engine(llm, prompts, params, args.repeats)
