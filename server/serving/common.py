@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -297,3 +297,23 @@ def sse(payload: Any) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def metered_sse(metrics: Any, body: AsyncIterator[bytes],
+                      finished: Callable[[], list]) -> AsyncIterator[bytes]:  # fmt: skip
+    """`body`'s events, then [DONE]. The reply counts as a success (with `finished()`'s final
+    outputs), as 499 when the client hangs up mid-stream, or as 500 when generation fails
+    after the reply started — reported in-band, as SGLang and vLLM do."""
+    async with contextlib.aclosing(body):
+        try:
+            async for event in body:
+                yield event
+        except GeneratorExit:  # the client hung up mid-stream
+            metrics.failed("generation", 499)
+            raise
+        except Exception as exc:  # the reply has started: report in-band
+            metrics.failed("generation", 500)
+            yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+        else:
+            metrics.succeeded(finished())
+    yield SSE_DONE

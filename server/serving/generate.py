@@ -26,7 +26,6 @@ from server.errors import ApiError, bad_request
 from server.metrics import ServerMetrics
 from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
 from server.serving.common import (
-    SSE_DONE,
     AdmissionGate,
     FastJSONResponse,
     PromptChecker,
@@ -36,6 +35,7 @@ from server.serving.common import (
     last_item,
     make_sampling_params,
     merge_streams,
+    metered_sse,
     reject_unsupported,
     sse,
     start_streams,
@@ -239,25 +239,17 @@ class GenerateServing:
         finally:
             self.active.discard(it.rid)
 
-    async def _events(
-        self, fmt: GenerateFormatter, streams: list, indexed: bool
-    ) -> AsyncIterator[bytes]:
+    def _events(self, fmt: GenerateFormatter, streams: list, indexed: bool) -> AsyncIterator[bytes]:
         finals: dict[int, RequestOutput] = {}
-        try:
+
+        async def body() -> AsyncIterator[bytes]:
             async for i, out in merge_streams(streams):
                 finals[i] = out
                 for d in fmt.outputs(i, out):
                     index = d.pop("_index")
                     yield sse(d | {"index": index} if indexed else d)
-        except GeneratorExit:  # the client hung up mid-stream
-            self.metrics.failed("generation", 499)
-            raise
-        except Exception as exc:  # the reply has started: in-band, as SGLang ({"error": ...})
-            self.metrics.failed("generation", 500)
-            yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
-        else:
-            self.metrics.succeeded(list(finals.values()))
-        yield SSE_DONE
+
+        return metered_sse(self.metrics, body(), lambda: list(finals.values()))
 
     async def abort(self, rid: str | list[str] | None, abort_all: bool) -> int:
         if abort_all:

@@ -25,7 +25,6 @@ from server.errors import ApiError, bad_request
 from server.metrics import ServerMetrics
 from server.protocol import openai as oai
 from server.serving.common import (
-    SSE_DONE,
     AdmissionGate,
     FastJSONResponse,
     PromptChecker,
@@ -35,6 +34,7 @@ from server.serving.common import (
     last_item,
     make_sampling_params,
     merge_streams,
+    metered_sse,
     reject_unsupported,
     spec_info,
     sse,
@@ -234,9 +234,10 @@ class OpenAIServing:
     async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
         return list(await asyncio.gather(*(last_item(s) for s in streams)))
 
-    async def _stream(self, fmt: ChoiceFormatter, streams) -> AsyncIterator[bytes]:
+    def _stream(self, fmt: ChoiceFormatter, streams) -> AsyncIterator[bytes]:
         finals: dict[int, RequestOutput] = {}
-        try:
+
+        async def body() -> AsyncIterator[bytes]:
             first = fmt.first_chunk()
             if first is not None:
                 yield sse(wire(first))
@@ -247,15 +248,8 @@ class OpenAIServing:
             usage = fmt.usage_chunk([finals[i] for i in sorted(finals)])
             if usage is not None:
                 yield sse(wire(usage))
-        except GeneratorExit:  # the client hung up mid-stream
-            self.metrics.failed("generation", 499)
-            raise
-        except Exception as exc:  # the reply has started: report in-band
-            self.metrics.failed("generation", 500)
-            yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
-        else:
-            self.metrics.succeeded(list(finals.values()))
-        yield SSE_DONE
+
+        return metered_sse(self.metrics, body(), lambda: list(finals.values()))
 
     # ---------------------------------------------------------------- helpers
     def spans(self, o: CompletionOutput) -> list[oai.WeightVersionSpan]:

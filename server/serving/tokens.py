@@ -20,13 +20,13 @@ from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from server.errors import ApiError
 from server.protocol import vllm as v
 from server.serving.common import (
-    SSE_DONE,
     FastJSONResponse,
     SSEResponse,
     cancel_on_disconnect,
     json_logprob,
     last_item,
     make_sampling_params,
+    metered_sse,
     reject_unsupported,
     sse,
 )
@@ -111,13 +111,13 @@ class TokensServing:
             "weight_version": self.openai.engine.weight_version,  # ext
         }  # fmt: skip
 
-    async def _events(
-        self, req, rid: str, stream: AsyncIterator[RequestOutput]
-    ) -> AsyncIterator[bytes]:
+    def _events(self, req, rid: str, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
         sent: dict[int, int] = {}
         done: set[int] = set()
         last = None
-        try:
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal last
             async for out in stream:
                 last = out
                 choices = []
@@ -131,12 +131,5 @@ class TokensServing:
                         done.add(o.index)
                 if choices:
                     yield sse({"request_id": rid, "choices": choices})
-        except GeneratorExit:  # the client hung up mid-stream
-            self.metrics.failed("generation", 499)
-            raise
-        except Exception as exc:  # the reply has started: report in-band
-            self.metrics.failed("generation", 500)
-            yield sse(ApiError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
-        else:
-            self.metrics.succeeded([last] if last is not None else [])
-        yield SSE_DONE
+
+        return metered_sse(self.metrics, body(), lambda: [last] if last is not None else [])
