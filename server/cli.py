@@ -53,8 +53,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="auto: the checkpoint's bf16/fp16 where the device has bf16 units, else float32",
     )
     a("--kv-cache-memory-gb", type=float, default=None,
-      help="KV cache budget in GiB (default: min(4, a quarter of RAM or free GPU memory)); "
-      "caps the running sequences at --max-model-len")  # fmt: skip
+      help="KV cache budget in GiB for the paged pool, target and head together (default: "
+      "min(4, a quarter of RAM or free GPU memory)); when it runs out sequences are preempted "
+      "and recomputed, and --max-model-len is lowered if one sequence would not fit alone")  # fmt: skip
+    a("--block-size", type=int, default=16, help="positions per KV block")
+    a("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides the budget)")
+    a("--no-prefix-caching", dest="prefix_caching", action="store_false",
+      help="do not share prompt blocks across samples and requests")  # fmt: skip
     a("--device", default="cpu")
     a(
         "--threads",
@@ -96,7 +101,8 @@ def build_configs(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
         threads=args.threads, spec_policy=args.spec_policy,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.prefix_caching,
     )  # fmt: skip
     default_name = "bebop-demo" if args.model == DEMO else Path(model).resolve().name
     name = args.served_model_name or default_name

@@ -108,6 +108,17 @@ class ServerMetrics:
         self.sync_failures = counter(
             "weight_sync_failures", "Rejected weight updates.", ("source",)
         )
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).")
+        self.kv_blocks = gauge("kv_cache_blocks", "KV blocks by state.", ("state",))
+        self.preemptions = counter(
+            "num_preemptions", "Sequences preempted (blocks freed, recomputed later)."
+        )
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prefill tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits", "Prefill tokens served by cached prefix blocks."
+        )
         self.running = gauge("num_requests_running", "Requests being decoded.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.")
@@ -146,6 +157,7 @@ class ServerMetrics:
         self.prompt_tokens.labels(m).inc(st.num_prompt_tokens)
         self.generation_tokens.labels(m).inc(st.num_generated_tokens)
         self.step_seconds.labels(m).observe(st.step_seconds)
+        self._observe_kv(st)
         if st.gamma is not None and self.engine.config.draft_mode:
             self.gamma.labels(m).observe(st.gamma)
         if st.num_drafts:
@@ -161,6 +173,16 @@ class ServerMetrics:
             accepted = self.accepted_by_entropy.labels(m, bucket)  # exists (at 0) once verified
             if ok:
                 accepted.inc()
+
+    def _observe_kv(self, st: StepStats) -> None:
+        m = self._m
+        if st.kv_blocks_total:
+            self.kv_usage.labels(m).set(st.kv_blocks_used / st.kv_blocks_total)
+            self.kv_blocks.labels(m, "used").set(st.kv_blocks_used)
+            self.kv_blocks.labels(m, "free").set(st.kv_blocks_total - st.kv_blocks_used)
+        self.preemptions.labels(m).inc(st.num_preemptions)
+        self.prefix_queries.labels(m).inc(st.prefix_queried_tokens)
+        self.prefix_hits.labels(m).inc(st.prefix_hit_tokens)
 
     def observe_weight_sync(self, source: str, seconds: float, nbytes: int, ok: bool) -> None:
         if ok:

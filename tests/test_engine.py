@@ -122,15 +122,15 @@ def test_n_samples_differ_and_seed_reproduces(llms):
     assert [o.token_ids for o in c.outputs] == a
 
 
-def test_abort_frees_slots(llms):
-    """Aborting a running request frees its slots and reports finish_reason abort."""
+def test_abort_frees_blocks(llms):
+    """Aborting a running request frees its KV blocks and reports finish_reason abort."""
     eng = llms["rs"].engine
     eng.add_request("x", PROMPTS[0], SamplingParams(max_tokens=100, n=3, ignore_eos=True))
     eng.step()
     eng.step()
     out = eng.abort("x")
     assert all(c.finish_reason == "abort" for c in out.outputs)
-    assert not eng.has_unfinished() and len(eng.scheduler.free_slots) == eng.config.max_num_seqs
+    assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_blocks
 
 
 def test_versions_and_logprobs_recorded(llms):

@@ -43,22 +43,31 @@ CONFIGS = [
     ("rs", 2, {"temperature": 1.0, "top_k": 3}),
     ("rs", 2, {"temperature": 0.8, "top_p": 0.8}),
     ("to", 2, {"temperature": 1.0, "top_k": 4, "min_p": 0.05}),
+    ("paged-auto-rs", 3, {"temperature": 1.0}),
 ]
+# "paged-*": a 21-token prompt in blocks of 4 (all N samples share its first 5 blocks) and
+# a KV pool of 600 blocks for 512 running rows that need 3 private blocks each: samples are
+# preempted mid-generation and recomputed, under sharing and the auto policy.
+PAGED = {"block_size": 4, "num_kv_blocks": 600}
+LONG_PROMPT = [1, 4, 2, 5, 0, 3, 3, 1, 2, 4, 0, 5, 1, 1, 2, 3, 4, 5, 0, 2, 1]
 
 
 @pytest.mark.parametrize(("mode", "gamma", "kw"), CONFIGS)
 def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
-    policy, _, draft = mode.rpartition("-")  # "auto-rs": γ_t chosen per step, up to γ
+    paged = mode.startswith("paged-")
+    policy, _, draft = mode.removeprefix("paged-").rpartition("-")  # "auto-rs": γ_t per step
+    prompt = LONG_PROMPT if paged else PROMPT
     llm = LLM(str(small_vocab_model), mtp=str(small_vocab_model / "mtp"),
               draft_mode=None if draft == "none" else draft, num_speculative_tokens=gamma,
-              spec_policy=policy or "fixed", max_num_seqs=512, seed=2024)  # fmt: skip
+              spec_policy=policy or "fixed", max_num_seqs=512, seed=2024,
+              **(PAGED if paged else {}))  # fmt: skip
     params = SamplingParams(max_tokens=K, n=N, seed=2024, ignore_eos=True, **kw)
-    out = llm.generate([PROMPT], params)[0]
+    out = llm.generate([prompt], params)[0]
     idx = torch.tensor([c.token_ids for c in out.outputs])
     assert idx.shape == (N, K)
     flat = (idx * torch.tensor([V ** (K - 1 - i) for i in range(K)])).sum(1)
     counts = torch.bincount(flat, minlength=V**K).double()
-    probs = exact_joint(small_vocab_model, params, PROMPT, V, K)
+    probs = exact_joint(small_vocab_model, params, prompt, V, K)
     p_value = g_test(counts, probs)
     if mode != "none":
         s = llm.spec_stats
@@ -66,4 +75,6 @@ def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
     if policy:  # plain steps and drafting steps both ran
         chosen = llm.engine.gamma_policy.chosen
         assert chosen[0] > 0 and sum(chosen[1:]) > 0, chosen
+    if paged:  # sharing and preemption both happened
+        assert llm.engine.blocks.stats.hit_tokens > 0 and llm.engine.scheduler.num_preemptions > 0
     assert p_value > 1e-3, f"{mode} {kw}: G-test p = {p_value:.2e}"

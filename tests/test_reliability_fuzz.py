@@ -133,7 +133,7 @@ def _assert_healthy_and_unchanged(url: str, state, before: list[int], version: s
         assert not state.engine.paused
         assert http.get("/get_weight_version").json()["weight_version"] == version
         assert http.post("/generate", json=GREEDY).json()["output_ids"] == before
-        assert len(state.engine.engine.scheduler.free_slots) == state.engine.config.max_num_seqs
+        assert state.engine.engine.blocks.num_free == state.engine.engine.blocks.num_blocks
 
 
 # ---------------------------------------------------------------- safetensors parser

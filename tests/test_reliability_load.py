@@ -108,7 +108,7 @@ def test_64_streams_with_10pct_disconnects(server):
             check_complete(res)
         wait_idle(state)
         sched = state.engine.engine.scheduler
-        assert len(sched.free_slots) == state.engine.config.max_num_seqs
+        assert sched.blocks.num_free == sched.blocks.num_blocks
         assert not state.engine.engine.requests and not state.engine._streams
         rss.append(rss_mib())
     print(f"\nload: 4 x {CLIENTS} streams in {time.perf_counter() - t0:.1f} s; "
@@ -154,4 +154,4 @@ def test_step_failure_fails_its_request_and_engine_keeps_serving(server):
     finally:
         runner.decode = original
     wait_idle(state)
-    assert len(state.engine.engine.scheduler.free_slots) == state.engine.config.max_num_seqs
+    assert state.engine.engine.blocks.num_free == state.engine.engine.blocks.num_blocks

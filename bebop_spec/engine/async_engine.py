@@ -91,6 +91,15 @@ class AsyncEngine:
         policy = self.engine.gamma_policy
         return list(policy.chosen) if policy is not None else None
 
+    @property
+    def kv_cache_info(self) -> dict:
+        """The paged KV pool now: blocks, use, preemptions and prefix-cache hit rate."""
+        e = self.engine
+        q, h = e.blocks.stats.queried_tokens, e.blocks.stats.hit_tokens
+        return {"num_blocks": e.blocks.num_blocks, "block_size": e.blocks.block_size,
+                "blocks_used": e.blocks.num_used, "num_preemptions": e.scheduler.num_preemptions,
+                "prefix_cache_hit_rate": h / q if q else 0.0}  # fmt: skip
+
     def add_observer(self, fn: Callable[[StepStats], None]) -> None:
         self.engine.observers.append(fn)
 

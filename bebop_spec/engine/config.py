@@ -23,7 +23,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests are refused (HTTP 503)
     dtype: str = "auto"  # auto: the checkpoint's bf16/fp16 where the device has bf16 units
-    kv_cache_memory_gb: float | None = None  # KV budget (GiB); None: engine/hardware.py default
+    kv_cache_memory_gb: float | None = None  # KV budget (GiB); None: hardware.kv_budget_bytes
+    block_size: int = 16  # positions per KV block (engine/block_manager.py)
+    num_kv_blocks: int | None = None  # exact block count, overriding kv_cache_memory_gb
+    enable_prefix_caching: bool = True  # share prompt blocks across samples and requests
     device: str = "cpu"
     seed: int = 0
     enforce_no_mtp: bool = False
@@ -48,6 +51,10 @@ class EngineConfig:
             raise ValueError(f"threads={self.threads} must be >= 1 (or None)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 2")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be > 0")
 

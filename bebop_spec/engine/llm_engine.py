@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from bebop_spec.engine.block_manager import BlockManager
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.gamma import GammaController
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
@@ -40,10 +41,13 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         limit = self.model_config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or limit, limit)
-        self.runner = ModelRunner(loaded, config, self.max_model_len)
-        batched_tokens = max(2048, self.max_model_len)
-        self.scheduler = Scheduler(self.runner.num_slots, batched_tokens, config.max_waiting)
+        self.runner = ModelRunner(loaded, config, min(config.max_model_len or limit, limit))
+        self.max_model_len = self.runner.max_model_len  # lowered if the KV budget is small
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
+                                   config.enable_prefix_caching)  # fmt: skip
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   max(2048, self.max_model_len), config.max_waiting,
+                                   lookahead=self.runner.gamma)  # fmt: skip
         self.eos_ids = set(self.model_config.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, list[int]] = {}
@@ -145,10 +149,12 @@ class LLMEngine:
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
         """Run one prefill or decode step; return outputs of every request that progressed
         (or, with `only_finished`, of those that finished: offline use, no per-step copies)."""
+        t0 = time.perf_counter()
+        before = (self.scheduler.num_preemptions, self.blocks.stats.queried_tokens,
+                  self.blocks.stats.hit_tokens)  # fmt: skip
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        t0 = time.perf_counter()
         gamma = self._choose_gamma(batch)
         results = self._run_isolating(batch.kind, batch.seqs, gamma)
         stats = StepStats(draft_mode=self.config.draft_mode or "none",
@@ -167,6 +173,10 @@ class LLMEngine:
                 self.scheduler.release(s)
         stats.num_running = self.num_running
         stats.num_waiting = self.num_waiting
+        stats.kv_blocks_used, stats.kv_blocks_total = self.blocks.num_used, self.blocks.num_blocks
+        stats.num_preemptions = self.scheduler.num_preemptions - before[0]
+        stats.prefix_queried_tokens = self.blocks.stats.queried_tokens - before[1]
+        stats.prefix_hit_tokens = self.blocks.stats.hit_tokens - before[2]
         stats.step_seconds = time.perf_counter() - t0
         if self.gamma_policy is not None and batch.kind == "decode" and results:
             self.gamma_policy.observe_cost(len(batch.seqs), gamma, stats.step_seconds)
@@ -198,12 +208,17 @@ class LLMEngine:
         """Run the batch; if it raises, rerun each sequence alone so that only the requests
         whose own step fails are aborted (their errors go to `failed`) and the rest go on.
         Safe to rerun: the runner mutates a sequence's cache bookkeeping only after its
-        forward passes succeed, and a prefill recomputes from the token ids."""
+        forward passes succeed, and a prefill recomputes from the token ids — in full, since
+        the blocks a failed batch was filling may be shared and half written."""
         try:
             return self._run(kind, seqs, gamma)
         except Exception:
             if len(seqs) == 1 and len(self.requests[seqs[0].request_id]) == 1:
                 return self._fail([(seqs[0], sys.exc_info()[1])])
+        if kind == "prefill":
+            self.blocks.invalidate()
+            for seq in seqs:
+                seq.num_cached = seq.mtp_cached = 0
         results, failed = [], []
         for seq in seqs:
             try:
@@ -265,6 +280,7 @@ class LLMEngine:
         """Validate everything, then copy in place; the version moves only on success."""
         params = self.runner.parameters_by_selector(selector)
         apply_weight_update(params, tensors, self.runner.aliases(selector))
+        self.blocks.invalidate()  # cached prefixes hold K/V of the old weights
         self.version += 1
         self.version_labels[self.version] = weight_version or str(self.version)
         return self.weight_version
@@ -282,5 +298,8 @@ class LLMEngine:
         return label
 
     def flush_cache(self) -> int:
-        """Drop all cached K/V: running sequences are re-prefilled under the current weights."""
-        return self.retract_all()
+        """Drop all cached K/V: running sequences are re-prefilled under the current weights,
+        and no cached prefix serves a later request."""
+        n = self.retract_all()
+        self.blocks.invalidate()
+        return n

@@ -64,3 +64,9 @@ class StepStats:
     num_running: int = 0
     num_waiting: int = 0
     step_seconds: float = 0.0
+    # KV pool after the step, and what scheduling it did (engine/block_manager.py)
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    prefix_queried_tokens: int = 0  # prefill tokens needed by the step's admissions
+    prefix_hit_tokens: int = 0  # of those, covered by cached prefix blocks

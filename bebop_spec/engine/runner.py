@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from bebop_spec.engine.config import EngineConfig
-from bebop_spec.engine.scheduler import prefill_len
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.hardware import kv_budget_bytes
-from bebop_spec.models import KVCache, LoadedModel
+from bebop_spec.models import LoadedModel, PagedKVCache
 from bebop_spec.models.layers import fuse_projections
 from bebop_spec.spec import (
     SamplingTensors,
@@ -58,22 +57,21 @@ class StepResult:
     verified_accepted: list[bool] = field(default_factory=list)
 
 
-def kv_slots(config: EngineConfig, layers: int, cache_len: int, kv_width: int,
-             dtype: torch.dtype) -> int:  # fmt: skip
-    """Sequences the KV budget holds at full length (≤ max_num_seqs); ValueError if none."""
-    per_seq = 2 * layers * (cache_len + 1) * kv_width * dtype.itemsize  # K and V, + scratch
+def kv_blocks(config: EngineConfig, layers: int, kv_width: int, dtype: torch.dtype,
+              cache_len: int) -> int:  # fmt: skip
+    """KV blocks the memory budget holds (target and head layers together), capped at what
+    max_num_seqs sequences of cache_len positions can use; ValueError if fewer than one."""
+    per_block = PagedKVCache.bytes_per_block(layers, config.block_size, kv_width, dtype)
     budget = kv_budget_bytes(config.kv_cache_memory_gb, config.device)
-    slots = min(config.max_num_seqs, budget // per_seq)
-    if slots < 1:
+    useful = config.max_num_seqs * -(-cache_len // config.block_size)
+    blocks = config.num_kv_blocks or min(useful, budget // per_block)
+    if blocks < 2:
         raise ValueError(
-            f"the KV budget ({budget / 2**30:.2f} GiB) holds no sequence of {cache_len - 1} "
-            f"positions ({per_seq / 2**30:.2f} GiB each): raise kv_cache_memory_gb or lower "
-            "max_model_len"
+            f"the KV budget ({budget / 2**20:.1f} MiB) holds {blocks} blocks of "
+            f"{config.block_size} positions ({per_block / 2**20:.2f} MiB each); at least 2 are "
+            "needed: raise kv_cache_memory_gb"
         )
-    if slots < config.max_num_seqs:
-        log.warning("KV budget %.2f GiB holds %d of max_num_seqs=%d sequences at %d positions",
-                    budget / 2**30, slots, config.max_num_seqs, cache_len - 1)  # fmt: skip
-    return int(slots)
+    return int(blocks)
 
 
 class ModelRunner:
@@ -88,18 +86,24 @@ class ModelRunner:
             raise ValueError("draft_mode needs an MTP head: pass mtp=DIR or use draft_mode=None")
         mc = loaded.config
         dtype = next(self.target.parameters()).dtype
-        cache_len = max_model_len + self.gamma + 1
         layers = mc.num_hidden_layers
         mtp_layers = self.mtp.num_layers if self.mtp is not None and self.mode else 0
-        self.num_slots = kv_slots(config, layers + mtp_layers, cache_len,
-                                  mc.num_key_value_heads * mc.head_dim, dtype)  # fmt: skip
-        self.cache = KVCache(layers, self.num_slots, cache_len, mc.num_key_value_heads,
-                             mc.head_dim, dtype, self.device)  # fmt: skip
-        self.mtp_cache = None
-        if mtp_layers:
-            self.mtp_cache = KVCache(mtp_layers, self.num_slots, cache_len,
-                                     mc.num_key_value_heads, mc.head_dim, dtype,
-                                     self.device)  # fmt: skip
+        bs, lookahead = config.block_size, self.gamma + 1  # a step writes ≤ γ+1 positions
+        self.num_blocks = kv_blocks(config, layers + mtp_layers,
+                                    mc.num_key_value_heads * mc.head_dim, dtype,
+                                    max_model_len + lookahead)  # fmt: skip
+        # One sequence alone must always fit, or preemption could not guarantee progress.
+        fits = self.num_blocks * bs - lookahead
+        if fits < max_model_len:
+            log.warning("KV budget holds %d blocks (%d positions): max_model_len %d -> %d",
+                        self.num_blocks, self.num_blocks * bs, max_model_len, fits)  # fmt: skip
+            max_model_len = fits
+        self.max_model_len = max_model_len
+        cache_len = max_model_len + lookahead
+        shape = (self.num_blocks, bs, mc.num_key_value_heads, mc.head_dim, cache_len, dtype,
+                 self.device)  # fmt: skip
+        self.cache = PagedKVCache(layers, *shape)
+        self.mtp_cache = PagedKVCache(mtp_layers, *shape) if mtp_layers else None
         self.eos_ids = list(mc.eos_token_ids)
         self._sampling_key: tuple[int, ...] = ()
         self._sampling_cached: SamplingTensors | None = None
@@ -118,8 +122,11 @@ class ModelRunner:
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return out.to(self.device)
 
-    def _slots(self, seqs: list[Sequence]) -> torch.Tensor:
-        return torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Block tables[B, max blocks], short rows padded with block 0 (never attended)."""
+        width = max(len(s.block_table) for s in seqs)
+        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                            dtype=torch.long, device=self.device)  # fmt: skip
 
     def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
         """The batch's sampling tensors, rebuilt only when the batch's membership changes."""
@@ -149,16 +156,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[StepResult]:
-        """Feed prompts (or everything but the last token after a retract); sample token 1."""
-        rows = [s.all_ids[: prefill_len(s)] for s in seqs]
+        """Feed prompts (or everything but the last token after a retract) from the end of
+        each row's shared prefix (`num_cached`, set by the block manager); sample token 1."""
+        rows = [s.all_ids[s.num_cached : s.num_prefill_tokens] for s in seqs]
         lens = torch.tensor([len(r) for r in rows], device=self.device)
+        start = torch.tensor([s.num_cached for s in seqs], device=self.device)
         ids = self._tensor(rows, pad=0)
-        pos = self._positions(lens, ids.shape[1], start=None)
-        slots = self._slots(seqs)
-        hidden = self.target(ids, pos, self.cache, slots)  # [B, L, H]
+        pos = self._positions(lens, ids.shape[1], start)
+        hidden = self.target(ids, pos, self.cache, self._tables(seqs))  # [B, L, H]
         last = hidden[torch.arange(len(seqs), device=self.device), lens - 1]  # [B, H]
-        for s, n in zip(seqs, lens.tolist(), strict=True):
-            s.num_cached = n
+        for s in seqs:
+            s.num_cached = s.num_prefill_tokens
         sampled = [s for s in seqs if s.needs_sample_at_prefill]
         results: list[StepResult] = []
         if sampled:
@@ -167,7 +175,7 @@ class ModelRunner:
                 sampled, self.target.compute_logits(last[idx.to(self.device)])
             )
         if self.speculative:
-            self._prefill_mtp(seqs, hidden, lens)
+            self._prefill_mtp(seqs, hidden, lens, start)
         return results
 
     def _positions(
@@ -178,17 +186,19 @@ class ModelRunner:
         base = ar if start is None else start[:, None] + ar
         return torch.where(ar < lens[:, None], base, self.cache.scratch)
 
-    def _prefill_mtp(self, seqs: list[Sequence], hidden: torch.Tensor, lens: torch.Tensor) -> None:
-        """Feed the head pairs (h_j, x_{j+1}) for j < L-1; keep h_{L-1} pending."""
-        next_rows = [s.all_ids[1:n] for s, n in zip(seqs, lens.tolist(), strict=True)]
+    def _prefill_mtp(self, seqs: list[Sequence], hidden: torch.Tensor, lens: torch.Tensor,
+                     start: torch.Tensor) -> None:  # fmt: skip
+        """Feed the head pairs (h_j, x_{j+1}) for start ≤ j < L-1 (the shared prefix's pairs
+        are cached); keep h_{L-1} pending."""
+        next_rows = [s.all_ids[s0 + 1 : s.num_cached]
+                     for s, s0 in zip(seqs, start.tolist(), strict=True)]  # fmt: skip
         if max(len(r) for r in next_rows) > 0:
             nxt = self._tensor([r or [0] for r in next_rows], pad=0)
-            n_pairs = lens - 1
-            pos = self._positions(n_pairs, nxt.shape[1], start=None)
-            self.mtp(hidden[:, : nxt.shape[1]], nxt, pos, self.mtp_cache, self._slots(seqs),
+            pos = self._positions(lens - 1, nxt.shape[1], start)
+            self.mtp(hidden[:, : nxt.shape[1]], nxt, pos, self.mtp_cache, self._tables(seqs),
                      embed=self.target.embed, step=0)  # fmt: skip
         for b, (s, n) in enumerate(zip(seqs, lens.tolist(), strict=True)):
-            s.mtp_cached = n - 1
+            s.mtp_cached = s.num_cached - 1
             s.pending_hidden = hidden[b, n - 1 : n].clone()
 
     # ------------------------------------------------------------------ plain decode
@@ -209,7 +219,7 @@ class ModelRunner:
         """Feed each row's last token at its next position → hidden[B, 1, H]."""
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         pos = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
-        hidden = self.target(ids, pos, self.cache, self._slots(seqs))
+        hidden = self.target(ids, pos, self.cache, self._tables(seqs))
         for s in seqs:
             s.num_cached += 1
         return hidden
@@ -229,7 +239,7 @@ class ModelRunner:
         nxt = self._tensor([s.all_ids[s.mtp_cached + 1 : s.num_cached] for s in seqs], pad=0)
         start = torch.tensor([s.mtp_cached for s in seqs], device=self.device)
         pos = self._positions(n_pairs, width, start)
-        self.mtp(hid, nxt, pos, self.mtp_cache, self._slots(seqs), embed=self.target.embed,
+        self.mtp(hid, nxt, pos, self.mtp_cache, self._tables(seqs), embed=self.target.embed,
                  step=0)  # fmt: skip
         for s in seqs:
             s.mtp_cached = s.num_cached - 1
@@ -249,14 +259,14 @@ class ModelRunner:
         dev = self.device
         st = self._sampling(seqs)
         u = draw_uniforms([s.generator for s in seqs], 2 * gamma + 1).to(dev)
-        slots = self._slots(seqs)
+        tables = self._tables(seqs)
         hist = self._history(seqs, st)  # position k of the chain also saw drafts[:, :k]
-        drafts, q = self._draft(seqs, st, hist, u[:, :gamma], slots)  # [B, γ], [B, γ, V]
+        drafts, q = self._draft(seqs, st, hist, u[:, :gamma], tables)  # [B, γ], [B, γ, V]
 
         start = torch.tensor([s.num_cached for s in seqs], device=dev)
         ids = torch.cat([torch.tensor([[s.last_token] for s in seqs], device=dev), drafts], 1)
         pos = start[:, None] + torch.arange(gamma + 1, device=dev)[None, :]
-        hidden = self.target(ids, pos, self.cache, slots)  # [B, γ+1, H]
+        hidden = self.target(ids, pos, self.cache, tables)  # [B, γ+1, H]
         logits = self.target.compute_logits(hidden)  # [B, γ+1, V]
         p = process_logits(logits, st, None if hist is None else hist.along(drafts))
         num_acc, tokens = verify_chain(
@@ -278,7 +288,7 @@ class ModelRunner:
         return results
 
     def _draft(self, seqs: list[Sequence], st: SamplingTensors, hist: TokenHistory | None,
-               u: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+               u: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """γ chained MTP steps → drafts[B, γ] and processed q[B, γ, V]; step k's q reads `hist`
         advanced by the drafts before it."""
         dev = self.device
@@ -291,14 +301,14 @@ class ModelRunner:
         nxt = self._tensor([s.all_ids[s.mtp_cached + 1 : s.num_cached + 1] for s in seqs], pad=0)
         start = torch.tensor([s.mtp_cached for s in seqs], device=dev)
         pos = self._positions(n_pairs, width, start)
-        g = self.mtp(hid, nxt, pos, self.mtp_cache, slots, embed=self.target.embed, step=0)
+        g = self.mtp(hid, nxt, pos, self.mtp_cache, tables, embed=self.target.embed, step=0)
         g = g[torch.arange(len(seqs), device=dev), n_pairs - 1]  # [B, H]
         last_pos = start + n_pairs - 1  # position of the last real pair
         drafts, qs = [], []
         for k in range(u.shape[1]):
             if k > 0:
                 pos_k = (last_pos + k)[:, None]
-                g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, slots,
+                g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, tables,
                              embed=self.target.embed, step=k)[:, 0]  # fmt: skip
             q_k = process_logits(self.target.compute_logits(g), st, hist)
             drafts.append(draft_tokens(q_k, u[:, k], self.mode))

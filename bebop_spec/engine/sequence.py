@@ -44,7 +44,7 @@ class Sequence:
     stop_reason: str | int | None = None
     text: str = ""
     text_tokens: int = 0  # how many of token_ids `text` reflects (postprocess.refresh_text)
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # KV blocks (engine/block_manager.py)
     num_cached: int = 0
     mtp_cached: int = 0
     pending_hidden: torch.Tensor | None = None  # [num_cached - mtp_cached, H]
@@ -79,6 +79,12 @@ class Sequence:
         """A fresh sequence samples its first token at prefill; a retracted one does not."""
         return not self.token_ids
 
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens a prefill feeds: the prompt, or everything but the last token after a
+        retract (the last is fed by the next decode step)."""
+        return self.num_tokens if self.needs_sample_at_prefill else self.num_tokens - 1
+
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SeqStatus.FINISHED
         self.finish_reason = reason
@@ -86,8 +92,9 @@ class Sequence:
         self.pending_hidden = None
 
     def reset_cache_state(self) -> None:
-        """Forget all cached K/V (retract, flush): the next prefill recomputes them."""
-        self.slot = None
+        """Forget all cached K/V (retract, preempt, flush): the next prefill recomputes them.
+        The block manager must have released `block_table` first."""
+        self.block_table = []
         self.num_cached = 0
         self.mtp_cached = 0
         self.pending_hidden = None

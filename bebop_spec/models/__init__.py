@@ -1,5 +1,5 @@
-"""Target decoders (Qwen3 / Qwen2 / Llama), the MTP head, HF checkpoint I/O, the KV cache and
-the real default model (SmolLM2-135M-Instruct, docs/models.md).
+"""Target decoders (Qwen3 / Qwen2 / Llama), the MTP head, HF checkpoint I/O, the KV caches
+(slot and paged) and the real default model (SmolLM2-135M-Instruct, docs/models.md).
 
 Contracts: docs/architecture.md ("models/"); MTP conventions: docs/mtp_layout.md.
 """
@@ -18,6 +18,7 @@ from bebop_spec.models.loader import (
 )
 from bebop_spec.models.mtp import MTPHead
 from bebop_spec.models.mtp_io import load_mtp_head, save_mtp_head
+from bebop_spec.models.paged_kv_cache import PagedKVCache, PagedView
 
 __all__ = [
     "CacheView",
@@ -26,6 +27,8 @@ __all__ = [
     "LoadedModel",
     "MTPHead",
     "ModelConfig",
+    "PagedKVCache",
+    "PagedView",
     "ensure_smollm2",
     "init_mtp_head",
     "load_config",

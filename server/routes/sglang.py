@@ -157,6 +157,7 @@ def _server_info(state: ServerState) -> dict:
                 # decode steps per draft length 0, 1, … (auto policy; null when fixed or none)
                 "spec_draft_length_steps": getattr(e, "gamma_chosen", None),
                 "spec_accept_rate": spec.acceptance_rate,
+                "kv_cache": getattr(e, "kv_cache_info", None),  # embedded engine only
                 "num_running": e.num_running,
                 "num_waiting": e.num_waiting,
                 "paused": state.control.paused,

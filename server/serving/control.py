@@ -116,6 +116,8 @@ class ControlServing:
         e = self.engine
         running, waiting = e.num_running, e.num_waiting
         slots = e.config.max_num_seqs
+        kv = getattr(e, "kv_cache_info", None)  # the embedded engine's paged pool
+        usage = kv["blocks_used"] / kv["num_blocks"] if kv else (running / slots if slots else 0.0)
         load = {
             "dp_rank": 0,
             "num_running_reqs": running,
@@ -123,8 +125,8 @@ class ControlServing:
             "num_total_reqs": running + waiting,
             "max_running_requests": slots,
             "utilization": round(running / slots, 4) if slots else 0.0,
-            "token_usage": round(running / slots, 4) if slots else 0.0,  # slot-granular KV
-            "cache_hit_rate": 0.0,  # no prefix cache
+            "token_usage": round(usage, 4),  # KV blocks in use / pool
+            "cache_hit_rate": round(kv["prefix_cache_hit_rate"], 4) if kv else 0.0,
         }
         spec = e.spec_totals
         if spec.num_drafts:
