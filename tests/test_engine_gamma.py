@@ -48,6 +48,25 @@ def test_never_drafts_when_drafting_cannot_pay():
     assert tail.count(0) / len(tail) > 0.97
 
 
+def test_losing_reprobes_back_off():
+    """Drafting that never pays: each re-probe that leaves γ = 0 the best doubles the
+    bucket's interval (50, 100, 200, … ≤ 800 steps), so over 3,000 steps at most 10 drafting
+    steps run (2 warm-up timings + ~7 probes) instead of 60 at a fixed interval."""
+    ctl = GammaController(gamma_max=3)
+    chosen = _drive(ctl, 4, cost=lambda g: 1.0 + 0.5 * g, accept=lambda g: 0, steps=3000)
+    assert sum(1 for g in chosen if g) <= 10
+
+
+def test_a_larger_batch_is_not_explored_when_a_smaller_one_lost():
+    """The verify/plain cost ratio grows with the batch: once batch 1 measured drafting at
+    1.4× a plain step with acceptance ≈ 0, a later batch of 16 never times γ = 1 (it could
+    not win even at batch 1's ratio)."""
+    ctl = GammaController(gamma_max=3)
+    _drive(ctl, 1, cost=lambda g: 1.0 + 0.4 * g, accept=lambda g: 0, steps=20)
+    later = _drive(ctl, 16, cost=lambda g: 2.0 + 2.0 * g, accept=lambda g: 0, steps=45)
+    assert max(later) == 0
+
+
 def test_drafts_the_most_when_acceptance_is_high():
     """Acceptance 0.9 per position and cheap drafts: the policy settles on γ_max."""
     ctl = GammaController(gamma_max=3)

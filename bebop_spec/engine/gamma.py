@@ -14,11 +14,14 @@ per-position counts of what verification accepted. The decision reads only what 
 earlier steps, never the current step's random draws, so speculative sampling stays exactly
 distributed (tests/test_engine_exactness.py covers `auto`).
 
-Exploration is bounded: a new row count is timed with plain steps (the baseline: free);
-γ = 1 is timed twice per bucket (the first timing of a shape is discarded as warm-up); a
-larger γ is tried only if it could win even if its extra drafts were free; every
-`reprobe_every` steps a bucket re-times its least recently measured γ, so estimates follow
-the policy's entropy as it drifts.
+Exploration is bounded, so that a policy whose drafts cannot pay costs almost nothing: a new
+row count is timed with plain steps (the baseline: free); γ = 1 is timed twice in a bucket
+(the first timing of a shape is discarded as warm-up) only if it could win at the cheapest
+ratio a smaller bucket measured (a drafting step's cost relative to a plain one grows with
+the batch); a larger γ only if it could win even if its extra drafts were free. A bucket
+re-times its least recently measured γ every `reprobe_every` steps, so estimates follow the
+policy's entropy as it drifts; each re-probe that leaves γ = 0 the best doubles that interval
+(up to `max_backoff`×), and one after which drafting wins resets it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class GammaController:
     decay: float = 0.99  # per spec step: acceptance counts forget with a ~100-step horizon
     ema: float = 0.25  # weight of a new timing in a cost estimate
     reprobe_every: int = 50
+    max_backoff: int = 16  # a losing bucket re-probes at most every reprobe_every · max_backoff
     prior: float = 0.5  # α_1 before any evidence (pseudo-count `prior_weight`)
     prior_weight: float = 2.0
     accepted: list[float] = field(default_factory=list)  # decayed counts per position
@@ -62,6 +66,8 @@ class GammaController:
     plain: dict[int, _Cost] = field(default_factory=dict)  # seconds of a plain step, by rows
     ratios: dict[tuple[int, int], _Cost] = field(default_factory=dict)  # (bucket, γ≥1) -> ÷ plain
     steps: dict[int, int] = field(default_factory=dict)  # decisions per bucket
+    next_probe: dict[int, int] = field(default_factory=dict)  # bucket -> step of its re-probe
+    backoff: dict[int, int] = field(default_factory=dict)  # bucket -> current interval factor
     chosen: list[int] = field(default_factory=list)  # histogram of γ_t, index γ
 
     def __post_init__(self) -> None:
@@ -108,7 +114,7 @@ class GammaController:
         self.steps[b] = step = self.steps.get(b, 0) + 1
         gamma = self._explore(rows)
         if gamma is None:
-            gamma = self._reprobe(b, step)
+            gamma = self._reprobe(rows, step)
         if gamma is None:
             rates = self.rates(rows)
             gamma = max(rates, key=lambda g: (rates[g], -g))
@@ -116,9 +122,12 @@ class GammaController:
         return gamma
 
     def _explore(self, rows: int) -> int | None:
-        """An unmeasured γ worth measuring: 0 and 1 always; larger γ only if it could win."""
-        if self.cost(rows, 0) is None or self.cost(rows, 1) is None:
-            return 0 if self.cost(rows, 0) is None else 1
+        """An unmeasured γ worth measuring: 0 always; 1 if it could win at the cheapest ratio
+        measured at a smaller batch; larger γ only if it could win with free extra drafts."""
+        if self.cost(rows, 0) is None:
+            return 0
+        if self.cost(rows, 1) is None:
+            return 1 if expected_tokens(self.alpha(), 1) > self._ratio_floor(rows) else None
         rates = self.rates(rows)
         best, alpha, c1 = max(rates.values()), self.alpha(), self.cost(rows, 1)
         for g in range(2, self.gamma_max + 1):
@@ -126,11 +135,26 @@ class GammaController:
                 return g  # c1 is a lower bound on cost(γ ≥ 1): only then can γ win
         return None
 
-    def _reprobe(self, b: int, step: int) -> int | None:
-        """Every `reprobe_every` steps, the drafting γ whose ratio is oldest (ties: smallest)."""
-        if step % self.reprobe_every:
+    def _ratio_floor(self, rows: int) -> float:
+        """A lower bound on cost(γ ≥ 1) / cost(0) at `rows`: the least ratio measured in a
+        bucket no larger (1 if none is)."""
+        b = bucket(rows)
+        known = [c.seconds for (bb, _), c in self.ratios.items() if bb <= b and c.samples >= 2]
+        return min(known, default=1.0)
+
+    def _reprobe(self, rows: int, step: int) -> int | None:
+        """At the bucket's next probe step, the drafting γ whose ratio is oldest (ties:
+        smallest); the interval doubles while plain steps stay the best, else resets."""
+        b = bucket(rows)
+        due = self.next_probe.setdefault(b, self.reprobe_every)
+        if step < due:
             return None
         measured = [(c.last_step, g) for (bb, g), c in self.ratios.items() if bb == b]
+        rates = self.rates(rows)
+        losing = bool(rates) and max(rates, key=lambda g: (rates[g], -g)) == 0
+        factor = min(2 * self.backoff.get(b, 1), self.max_backoff) if losing else 1
+        self.backoff[b] = factor
+        self.next_probe[b] = step + self.reprobe_every * factor
         return min(measured)[1] if measured else None
 
     def observe_cost(self, rows: int, gamma: int, seconds: float) -> None:
