@@ -86,8 +86,9 @@ def prefix_experiment(args) -> list[dict]:
 
 def memory_run(args) -> dict:
     """One budget, in this process (the parent reads our peak RSS from the JSON we print)."""
-    from bebop_spec import LLM, SamplingParams
     from decode import demo_prompts
+
+    from bebop_spec import LLM, SamplingParams
 
     llm = LLM(args.model, draft_mode=None if args.no_spec else "rs", dtype=args.dtype,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

@@ -3,7 +3,9 @@
 Setup: a random Qwen3 target with a 6-token vocabulary and a deliberately unrelated random
 MTP head. The `auto-*` configurations let the engine choose γ_t ∈ {0..γ} per step from
 earlier steps' timings and acceptance (engine/gamma.py), so plain and drafting steps
-interleave within one request's samples. For each configuration we draw N = 40,000 samples of the first 4 generated tokens
+interleave within one request's samples. `paged-auto-rs` adds prefix sharing (all samples
+share a 21-token prompt's blocks) and preemption (a KV pool too small for the batch). For
+each configuration we draw N = 40,000 samples of the first 4 generated tokens
 (one request, n = N, seeded) and compare their empirical joint distribution over the
 6^4 = 1,296 outcomes with the exact probabilities p(x1) p(x2|x1) p(x3|x1,x2) p(x4|...)
 computed from full forwards of the target under the same sampling transforms. Token 1 comes
