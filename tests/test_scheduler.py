@@ -152,3 +152,26 @@ def test_hash_collision_is_not_a_hit():
     h = next(iter(bm.cached))
     bm.block_key[bm.cached[h]] = (h, (0, 0, 0, 0, 0))  # same hash, other tokens
     assert bm.allocate(_seq(1, prompt=list(range(9)))) == 0
+
+
+def test_rows_reading_blocks_filled_in_the_same_batch_run_after_them():
+    """A short prompt (A) fills the blocks a longer one (B) then reuses in the same batch: B
+    gets a higher prefill level, so the runner feeds A first although B is longer; the n
+    samples of one prompt split into the full row and short tails, each group padded little."""
+    from bebop_spec.engine.runner import prefill_groups
+
+    s = _sched(block_size=4)
+    a = _seq(0, prompt=list(range(10)))  # fills blocks 0, 1 (next tokens 4, 8 in the prompt)
+    b = _seq(1, prompt=list(range(30)))  # reuses them, feeds 22 more tokens
+    sibs = [_seq(i, prompt=list(range(50, 80))) for i in (2, 3, 4)]
+    s.add([a, b, *sibs])
+    batch = s.schedule().seqs
+    assert (a.prefill_level, b.prefill_level) == (0, 1) and b.num_cached == 8
+    assert [q.prefill_level for q in sibs] == [0, 1, 1]
+    groups = prefill_groups(batch)
+    order = [q.seq_id for g in groups for q in g]
+    assert order.index(0) < order.index(1)
+    assert groups == [[sibs[0]], [a], [b], [sibs[1], sibs[2]]]  # level 0: 30, 10; 1: 22, 2+2
+    for g in groups:  # every row feeds at least half of its group's longest row
+        lens = [q.num_prefill_tokens - q.num_cached for q in g]
+        assert min(lens) >= 0.5 * max(lens) and len({q.prefill_level for q in g}) == 1

@@ -9,7 +9,8 @@ token after it*: the head's entry at a block's last position j is the pair (h_j,
 its content depends on x_{j+1} as well. A block is registered once its prefill is planned
 (full, and followed by a token the same prefill feeds); a later sequence whose first blocks
 hash the same reuses them and prefills only the rest. Siblings admitted in the same prefill
-batch share too: each layer writes every row before any row reads (paged_kv_cache.py). Shared
+batch share too: a row that reuses blocks another row of the batch fills gets a higher
+`seq.prefill_level`, and the runner feeds the levels in order (level 0 first). Shared
 blocks are never written: decoding writes only at positions past the prefill. A freed block
 keeps its hash and serves hits until it is reused (least recently freed first).
 `invalidate()` forgets every hash: weight updates and /flush_cache call it, since K/V
@@ -43,6 +44,7 @@ class BlockManager:
         self.block_key: list[tuple | None] = [None] * num_blocks  # (hash, tokens) when cached
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.filling: dict[int, int] = {}  # block -> prefill level of the row filling it
         self.stats = PrefixStats()
 
     # ------------------------------------------------------------------ sizes
@@ -83,6 +85,10 @@ class BlockManager:
         return hits
 
     # ------------------------------------------------------------------ allocate / free
+    def begin_batch(self) -> None:
+        """A new prefill batch: blocks filled by earlier batches are complete."""
+        self.filling.clear()
+
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         """Whether a prefill of `seq` fits, leaving `reserve` blocks free afterwards."""
         hits = self._hits(self._keys(seq))
@@ -99,6 +105,11 @@ class BlockManager:
             self._ref(b)
         table = hits + [self._take() for _ in range(self.blocks_for(seq.num_prefill_tokens) -
                                                     len(hits))]  # fmt: skip
+        # A row reading blocks that this batch fills runs after the rows that fill them.
+        seq.prefill_level = 1 + max((self.filling[b] for b in hits if b in self.filling),
+                                    default=-1)  # fmt: skip
+        for k in range(len(hits), len(table)):
+            self.filling[table[k]] = seq.prefill_level
         for k in range(len(hits), len(keys)):  # this prefill fills them: later rows may share
             self.cached[keys[k][0]] = table[k]
             self.block_key[table[k]] = keys[k]

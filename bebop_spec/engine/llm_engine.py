@@ -218,7 +218,7 @@ class LLMEngine:
         if kind == "prefill":
             self.blocks.invalidate()
             for seq in seqs:
-                seq.num_cached = seq.mtp_cached = 0
+                seq.num_cached = seq.mtp_cached = seq.prefill_level = 0
         results, failed = [], []
         for seq in seqs:
             try:

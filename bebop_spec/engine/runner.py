@@ -74,6 +74,23 @@ def kv_blocks(config: EngineConfig, layers: int, kv_width: int, dtype: torch.dty
     return int(blocks)
 
 
+def prefill_groups(seqs: list[Sequence], waste: float = 0.5) -> list[list[Sequence]]:
+    """Level by level, rows sorted by tokens to feed (longest first) and cut where a row
+    would be padded to more than 1 / (1 - waste) of its length."""
+    groups: list[list[Sequence]] = []
+    for level in sorted({s.prefill_level for s in seqs}):
+        rows = sorted((s for s in seqs if s.prefill_level == level),
+                      key=lambda s: s.num_cached - s.num_prefill_tokens)  # fmt: skip
+        for s in rows:
+            n = s.num_prefill_tokens - s.num_cached
+            head = groups[-1][0] if groups and groups[-1][0].prefill_level == level else None
+            if head is not None and n >= (1 - waste) * (head.num_prefill_tokens - head.num_cached):
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+    return groups
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
         self.config = config
@@ -157,7 +174,17 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[StepResult]:
         """Feed prompts (or everything but the last token after a retract) from the end of
-        each row's shared prefix (`num_cached`, set by the block manager); sample token 1."""
+        each row's shared prefix (`num_cached`, set by the block manager); sample token 1.
+
+        Rows run in forwards grouped by `prefill_level` (a row reading blocks another row of
+        the batch fills runs after it) and, within a level, by length: a sample that shares
+        its prompt feeds a few tokens, and padding it to the full prompt would undo sharing."""
+        results: list[StepResult] = []
+        for group in prefill_groups(seqs):
+            results += self._prefill_group(group)
+        return results
+
+    def _prefill_group(self, seqs: list[Sequence]) -> list[StepResult]:
         rows = [s.all_ids[s.num_cached : s.num_prefill_tokens] for s in seqs]
         lens = torch.tensor([len(r) for r in rows], device=self.device)
         start = torch.tensor([s.num_cached for s in seqs], device=self.device)

@@ -71,6 +71,7 @@ class Scheduler:
         others run, one block per running sequence stays free for their next decode step."""
         admitted: list[Sequence] = []
         budget = self.max_num_batched_tokens
+        self.blocks.begin_batch()
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             cost = seq.num_prefill_tokens

@@ -45,6 +45,7 @@ class Sequence:
     text: str = ""
     text_tokens: int = 0  # how many of token_ids `text` reflects (postprocess.refresh_text)
     block_table: list[int] = field(default_factory=list)  # KV blocks (engine/block_manager.py)
+    prefill_level: int = 0  # prefill order within a batch: after the rows filling its prefix
     num_cached: int = 0
     mtp_cached: int = 0
     pending_hidden: torch.Tensor | None = None  # [num_cached - mtp_cached, H]
