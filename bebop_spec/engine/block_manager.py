@@ -89,18 +89,15 @@ class BlockManager:
         """A new prefill batch: blocks filled by earlier batches are complete."""
         self.filling.clear()
 
-    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        """Whether a prefill of `seq` fits, leaving `reserve` blocks free afterwards."""
-        hits = self._hits(self._keys(seq))
-        revived = sum(1 for b in hits if self.ref[b] == 0)  # cached but free: leaves the pool
-        need = self.blocks_for(seq.num_prefill_tokens) - len(hits)
-        return need + revived + reserve <= len(self.free)
-
-    def allocate(self, seq: Sequence) -> int:
-        """Give `seq` blocks for its prefill, reusing a cached prefix; returns the positions
-        the prefix covers (the prefill starts there). Call can_allocate first."""
+    def allocate(self, seq: Sequence, reserve: int = 0) -> int | None:
+        """Give `seq` blocks for its prefill, reusing a cached prefix, if that leaves `reserve`
+        blocks free; returns the positions the prefix covers (the prefill starts there), or
+        None (nothing allocated) when it does not fit."""
         keys = self._keys(seq)
         hits = self._hits(keys)
+        revived = sum(1 for b in hits if self.ref[b] == 0)  # cached but free: leaves the pool
+        if self.blocks_for(seq.num_prefill_tokens) - len(hits) + revived + reserve > len(self.free):
+            return None
         for b in hits:
             self._ref(b)
         table = hits + [self._take() for _ in range(self.blocks_for(seq.num_prefill_tokens) -

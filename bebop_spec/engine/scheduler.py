@@ -76,10 +76,13 @@ class Scheduler:
             seq = self.waiting[0]
             cost = seq.num_prefill_tokens
             reserve = len(self.running) + len(admitted)
-            if (admitted and cost > budget) or not self.blocks.can_allocate(seq, reserve):
+            if admitted and cost > budget:
+                break
+            covered = self.blocks.allocate(seq, reserve)
+            if covered is None:
                 break
             self.waiting.popleft()
-            seq.num_cached = seq.mtp_cached = self.blocks.allocate(seq)
+            seq.num_cached = seq.mtp_cached = covered
             seq.status = SeqStatus.RUNNING
             admitted.append(seq)
             budget -= cost - seq.num_cached

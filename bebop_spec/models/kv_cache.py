@@ -85,14 +85,20 @@ class KVCache:
         if slot_lo < 0 or slot_hi >= self.num_slots:
             raise ValueError(f"slots must lie in [0, {self.num_slots})")
         kv_len = max(last + 1, 1)
-        key_pos = torch.arange(kv_len, device=device)
-        # mask[b, 0, t, j] = key j visible to query (b, t): key_pos <= query_pos. Padded queries
-        # (position = scratch) see every gathered key, which keeps SDPA free of all-masked rows.
-        mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        if positions.shape[1] == 1 and lo == hi == last:
-            mask = None  # one token per row, all at the last gathered column: every key visible
+        mask = visible_keys(positions, kv_len, one_column=lo == hi == last)
         first = slot_lo if in_order else None  # consecutive slots: read a view, not a gather
         return CacheView(self, slots, positions, kv_len, mask, first)
+
+
+def visible_keys(positions: torch.Tensor, kv_len: int, one_column: bool) -> torch.Tensor | None:
+    """mask[B, 1, T, kv_len]: key j visible to query (b, t) iff j <= positions[b, t]; None
+    (every key visible) for one token per row, all at the last key (`one_column`). Padded
+    queries (position = scratch > every key) see every key, which keeps SDPA free of
+    all-masked rows."""
+    if positions.shape[1] == 1 and one_column:
+        return None
+    key_pos = torch.arange(kv_len, device=positions.device)
+    return (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bebop_spec.models.kv_cache import visible_keys
+
 
 class PagedKVCache:
     """`k, v: [num_layers, (num_blocks + 1) * block_size, n_kv_heads, head_dim]`, token-major
@@ -92,11 +94,7 @@ class PagedKVCache:
         write = torch.where(pad, self.num_blocks * bs, blk * bs + positions % bs)
         key_pos = torch.arange(kv_len, device=device)
         read = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, kv_len]
-        # mask[b, 0, t, j]: key j visible to query (b, t) iff j <= its position. Padded queries
-        # (position = scratch) see every key, which keeps SDPA free of all-masked rows.
-        mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        if positions.shape[1] == 1 and lo == hi == last:
-            mask = None  # one token per row, all at the last key: every key visible
+        mask = visible_keys(positions, kv_len, one_column=lo == hi == last)
         return PagedView(self, write.reshape(-1), read.reshape(-1), positions.shape[0],
                          kv_len, mask)  # fmt: skip
 
