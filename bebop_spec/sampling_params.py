@@ -35,12 +35,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # tokens of prompt + output: x>0 -> x/r, x<=0 -> x*r
     min_tokens: int = 0  # EOS and stop_token_ids impossible before this many tokens
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # Prompt scoring (engine/prompt_logprobs.py): log p(x_i | x_<i) of prompt tokens under
+    # the raw (T=1, unprocessed) model, for i > prompt_logprob_start (the first causal row).
+    prompt_logprobs: int | None = None  # None: off; k >= 0: also the top-k at each position
+    prompt_logprob_start: int = 0
+    logprob_token_ids: list[int] | None = None  # ids whose logprobs every position reports
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.logprob_token_ids is not None:
+            self.logprob_token_ids = [int(t) for t in self.logprob_token_ids] or None
         if self.logit_bias is not None:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         checks = [
@@ -48,9 +55,25 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= -1, "must be -1 (disabled), 0 (disabled) or >= 1"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            # 0 only to score a prompt (vLLM's echo with max_tokens=0, SGLang's max_new_tokens=0)
+            (
+                "max_tokens",
+                self.max_tokens >= (0 if self.scores_prompt else 1),
+                "must be >= 1 (0 only with prompt_logprobs)",
+            ),
             ("n", self.n >= 1, "must be >= 1"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+                "must be >= 0",
+            ),
+            ("prompt_logprob_start", self.prompt_logprob_start >= 0, "must be >= 0"),
+            (
+                "logprob_token_ids",
+                all(t >= 0 for t in self.logprob_token_ids or []),
+                "must be >= 0",
+            ),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
@@ -68,6 +91,10 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {why}")
         if self.seed is not None:
             self.seed = int(self.seed)
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:

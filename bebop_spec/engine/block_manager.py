@@ -94,7 +94,7 @@ class BlockManager:
         blocks free; returns the positions the prefix covers (the prefill starts there), or
         None (nothing allocated) when it does not fit."""
         keys = self._keys(seq)
-        hits = self._hits(keys)
+        hits = self._hits(keys)[: seq.max_prefix_hit // self.block_size]
         revived = sum(1 for b in hits if self.ref[b] == 0)  # cached but free: leaves the pool
         if self.blocks_for(seq.num_prefill_tokens) - len(hits) + revived + reserve > len(self.free):
             return None

@@ -98,10 +98,14 @@ class LLMEngine:
         if params.top_k >= 2**63:
             raise InvalidRequest(f"top_k={params.top_k} does not fit in int64")
         bias = params.logit_bias or {}
-        if any(t >= self.model_config.vocab_size for t in bias):
-            raise InvalidRequest(f"logit_bias token id {max(bias)} outside the vocabulary")
         if not torch.tensor(list(bias.values()), dtype=torch.float32).isfinite().all():
             raise InvalidRequest("logit_bias values overflow float32")
+        ids = [*(params.logprob_token_ids or []), *bias]
+        if any(t >= self.model_config.vocab_size for t in ids):
+            raise InvalidRequest(f"token id {max(ids)} outside the vocabulary")
+        if params.scores_prompt and params.prompt_logprob_start >= len(prompt_ids):
+            raise InvalidRequest(f"prompt_logprob_start={params.prompt_logprob_start} is not "
+                                 f"below the prompt's {len(prompt_ids)} tokens")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; use stop_token_ids")
         seqs = []
@@ -169,6 +173,8 @@ class LLMEngine:
             self.gamma_policy.observe_acceptance(accepted, gamma)
         for s in batch.seqs:
             touched[s.request_id] = None
+            if batch.kind == "prefill" and s.params.max_tokens == 0 and not s.is_finished:
+                s.finish("length")  # scored its prompt, generates nothing
             if s.is_finished:
                 self.scheduler.release(s)
         stats.num_running = self.num_running
@@ -254,16 +260,19 @@ class LLMEngine:
         stats.verified_accepted += r.verified_accepted
 
     def _output(self, request_id: str) -> RequestOutput:
-        seqs = self.requests[request_id]
-        out = RequestOutput(request_id, self.prompts[request_id], self._completions(seqs))
+        out = self._request_output(request_id, self.requests[request_id])
         if out.finished:
             self._pop_output(request_id)
         return out
 
     def _pop_output(self, request_id: str) -> RequestOutput:
-        seqs = self.requests.pop(request_id)
-        prompt = self.prompts.pop(request_id)
-        return RequestOutput(request_id, prompt, self._completions(seqs))
+        out = self._request_output(request_id, self.requests.pop(request_id))
+        self.prompts.pop(request_id)
+        return out
+
+    def _request_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        return RequestOutput(request_id, self.prompts[request_id], self._completions(seqs),
+                             prompt_logprobs=seqs[0].prompt_logprobs)  # fmt: skip
 
     def _completions(self, seqs: list[Sequence]) -> list:
         for s in seqs:

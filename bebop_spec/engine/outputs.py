@@ -18,6 +18,7 @@ class CompletionOutput:
     logprobs: list[float] | None = None  # log p(token) under the processed p
     raw_logprobs: list[float] | None = None  # log softmax of unprocessed (T=1) logits
     top_logprobs: list[dict[int, float]] | None = None  # when SamplingParams.logprobs > 0
+    token_ids_logprobs: list[dict[int, float]] | None = None  # SamplingParams.logprob_token_ids
     entropies: list[float] = field(default_factory=list)  # H(processed p) at each token
     weight_versions: list[int] = field(default_factory=list)  # version that produced each token
     finish_reason: str | None = None  # None (running) | "stop" | "length" | "abort"
@@ -30,11 +31,24 @@ class CompletionOutput:
 
 
 @dataclass
+class PromptLogprobs:
+    """Scores of prompt tokens start..P-1 under the raw (T=1, unprocessed) model: entry t is
+    token `start + t`, predicted by the hidden at position start + t - 1 (token 0 has none)."""
+
+    start: int  # first scored position (>= 1)
+    logprobs: list[float]  # log p(x_i | x_<i)
+    ranks: list[int]  # 1 + how many tokens are likelier than x_i
+    top: list[dict[int, float]] | None = None  # the k likeliest (SamplingParams.prompt_logprobs)
+    chosen: list[dict[int, float]] | None = None  # SamplingParams.logprob_token_ids
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     prompt: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:

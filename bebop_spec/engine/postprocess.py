@@ -26,6 +26,8 @@ def append_step(
         seq.entropies.append(result.entropies[i])
         if result.top_logprobs is not None:
             seq.top_logprobs.append(result.top_logprobs[i])
+        if result.token_ids_logprobs is not None:
+            seq.token_ids_logprobs.append(result.token_ids_logprobs[i])
         seq.weight_versions.append(version)
         kept += 1
         if _check_token_stop(seq, tok, eos_ids, max_model_len):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.prompt_logprobs import score_prompt
 from bebop_spec.engine.sequence import Sequence
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.hardware import kv_budget_bytes
@@ -51,6 +52,7 @@ class StepResult:
     raw_logprobs: list[float]
     entropies: list[float]
     top_logprobs: list[dict[int, float]] | None = None
+    token_ids_logprobs: list[dict[int, float]] | None = None  # SamplingParams.logprob_token_ids
     num_accepted: int | None = None  # None: no drafts this step
     num_drafted: int = 0  # γ of this step
     verified_entropies: list[float] = field(default_factory=list)
@@ -192,18 +194,31 @@ class ModelRunner:
         pos = self._positions(lens, ids.shape[1], start)
         hidden = self.target(ids, pos, self.cache, self._tables(seqs))  # [B, L, H]
         last = hidden[torch.arange(len(seqs), device=self.device), lens - 1]  # [B, H]
-        for s in seqs:
+        for b, s in enumerate(seqs):
+            if s.wants_prompt_logprobs:
+                s.prompt_logprobs = self._score_prompt(s, hidden[b], s.num_cached)
             s.num_cached = s.num_prefill_tokens
-        sampled = [s for s in seqs if s.needs_sample_at_prefill]
+        # max_tokens == 0 only scores the prompt (the engine finishes it after this step)
+        sampled = [s for s in seqs if s.needs_sample_at_prefill and s.params.max_tokens > 0]
         results: list[StepResult] = []
         if sampled:
-            idx = torch.tensor([i for i, s in enumerate(seqs) if s.needs_sample_at_prefill])
+            idx = torch.tensor([i for i, s in enumerate(seqs) if s in sampled])
             results = self._sample_one(
                 sampled, self.target.compute_logits(last[idx.to(self.device)])
             )
         if self.speculative:
             self._prefill_mtp(seqs, hidden, lens, start)
         return results
+
+    def _score_prompt(self, s: Sequence, hidden: torch.Tensor, fed_from: int):
+        """Score prompt tokens start+1..P-1 (start: the first causal row) from this prefill's
+        hidden[L, H], whose row t is position fed_from + t (fed_from <= start: see
+        Sequence.max_prefix_hit)."""
+        lo, end = s.params.prompt_logprob_start + 1, s.num_prompt_tokens
+        rows = hidden[lo - 1 - fed_from : max(lo - 1, end - 1) - fed_from]
+        targets = torch.tensor(s.prompt_ids[lo:end], dtype=torch.long, device=self.device)
+        return score_prompt(rows, targets, self.target.compute_logits, lo,
+                            s.params.prompt_logprobs or 0, s.params.logprob_token_ids)  # fmt: skip
 
     def _positions(
         self, lens: torch.Tensor, width: int, start: torch.Tensor | None
@@ -362,10 +377,14 @@ class ModelRunner:
         for b, s in enumerate(seqs):
             n = int(n_new[b])
             k = s.params.logprobs or 0
-            tops = None
+            tops = chosen = None
             if k:
                 tops = [dict(zip(top_i[b][t][:k], top_v[b][t][:k], strict=True)) for t in range(n)]
-            out.append(StepResult(s, tok[b][:n], lp[b][:n], raw[b][:n], ent[b][:n], tops))
+            if s.params.logprob_token_ids:
+                ids = s.params.logprob_token_ids
+                rows = torch.log(probs[b, :n][:, torch.tensor(ids, device=probs.device)])
+                chosen = [dict(zip(ids, r, strict=True)) for r in rows.tolist()]
+            out.append(StepResult(s, tok[b][:n], lp[b][:n], raw[b][:n], ent[b][:n], tops, chosen))
         return out
 
     # ------------------------------------------------------------------ weights

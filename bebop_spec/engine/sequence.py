@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bebop_spec.engine.outputs import CompletionOutput, SpecStats
+from bebop_spec.engine.outputs import CompletionOutput, PromptLogprobs, SpecStats
 from bebop_spec.sampling_params import SamplingParams
 
 
@@ -37,6 +37,8 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     raw_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    token_ids_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # scored at the first prefill (sample 0 only)
     entropies: list[float] = field(default_factory=list)
     weight_versions: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
@@ -81,6 +83,19 @@ class Sequence:
         return not self.token_ids
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Sample 0 of a request that scores its prompt, until its prefill has done so."""
+        return self.params.scores_prompt and self.index == 0 and self.prompt_logprobs is None
+
+    @property
+    def max_prefix_hit(self) -> int:
+        """Positions a cached prefix may cover: a prompt being scored needs the hiddens from
+        its first causal row on, so those positions must be computed, not reused."""
+        if self.wants_prompt_logprobs:
+            return min(self.params.prompt_logprob_start, self.num_prompt_tokens - 1)
+        return self.num_tokens
+
+    @property
     def num_prefill_tokens(self) -> int:
         """Tokens a prefill feeds: the prompt, or everything but the last token after a
         retract (the last is fed by the next decode step)."""
@@ -109,6 +124,9 @@ class Sequence:
             logprobs=list(self.logprobs) if want or self.params.raw_logprobs else None,
             raw_logprobs=list(self.raw_logprobs) if self.params.raw_logprobs else None,
             top_logprobs=list(self.top_logprobs) if want and self.params.logprobs else None,
+            token_ids_logprobs=list(self.token_ids_logprobs)
+            if self.params.logprob_token_ids
+            else None,  # fmt: skip
             entropies=list(self.entropies),
             weight_versions=list(self.weight_versions),
             finish_reason=self.finish_reason,

@@ -19,6 +19,7 @@ import torch
 
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
+from bebop_spec.sampling_params import SamplingParams
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -113,6 +114,15 @@ class RemoteBackend:
         self._observers: list[Callable[[StepStats], None]] = []
         self._waiting: set[str] = set()
         self._running: set[str] = set()
+
+    @staticmethod
+    def check_params(params: SamplingParams) -> None:
+        """What only the embedded engine computes: prompt scoring and chosen-id logprobs."""
+        if params.scores_prompt or params.logprob_token_ids:
+            from bebop_spec.errors import InvalidRequest
+
+            raise InvalidRequest("prompt logprobs and logprob_token_ids are served by the "
+                                 "embedded engine only")  # fmt: skip
 
     # ------------------------------------------------------------------ ServingBackend surface
     @property

@@ -176,6 +176,7 @@ class SGLangBackend(RemoteBackend):
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
+        self.check_params(params)
         await self.start()
         if params.n != 1:
             from bebop_spec.errors import InvalidRequest

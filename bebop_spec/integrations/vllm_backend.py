@@ -204,6 +204,7 @@ class VLLMBackend(RemoteBackend):
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs; closing the iterator early aborts the request in vLLM."""
+        self.check_params(params)
         await self.start()
         versions: dict[int, list[int]] = {}
         prev: RequestOutput | None = None
