@@ -76,7 +76,7 @@ BAD = [
     ("/generate", {"input_ids": [[1, 2], []]}, 400),
     ("/generate", {"input_ids": [1.5, 2]}, 400),
     ("/generate", {"input_ids": [[1], [2]], "rid": ["a"]}, 400),
-    ("/generate", {"input_ids": [1], "return_logprob": True, "logprob_start_len": 0}, 400),
+    ("/generate", {"input_ids": [1], "return_logprob": True, "logprob_start_len": 1}, 400),
     ("/generate", {"input_ids": [1] * 300}, 400),
 ]
 

@@ -36,7 +36,7 @@ class CompletionRequest(_Request):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, only score the prompt
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = 0.0
     seed: int | None = None
@@ -57,6 +57,8 @@ class CompletionRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0)
+    logprob_token_ids: list[int] | None = None  # these ids' logprobs instead of the top-k
 
 
 class TextContent(_Request):
@@ -146,6 +148,12 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(BaseModel):  # ext (vLLM's Logprob)
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -155,6 +163,7 @@ class CompletionChoice(BaseModel):
     prompt_token_ids: list[int] | None = None  # ext: when return_token_ids
     token_ids: list[int] | None = None  # ext: when return_token_ids
     weight_versions: list[WeightVersionSpan] | None = None  # ext
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None  # ext (vLLM)
 
 
 class _Response(BaseModel):

@@ -49,9 +49,11 @@ class _Item:
 
     rid: str
     prompt: list[int]
-    params: SamplingParams | None  # None: max_new_tokens == 0, nothing to generate
+    params: SamplingParams | None  # None: max_new_tokens == 0, nothing to run
     logprob: bool
     top_logprobs: int
+    logprob_start: int = -1  # SGLang's logprob_start_len: -1 scores no prompt token
+    token_ids: list[int] | None = None  # token_ids_logprob
 
 
 class GenerateServing:
@@ -87,19 +89,15 @@ class GenerateServing:
             )
         rids = self._rids(req.rid, b)
         items = [
-            _Item(rid, p, self._params(sp, len(p), lp, top), lp, top)
-            for rid, p, sp, (lp, top) in zip(
+            _Item(rid, p, self._params(sp, len(p), *opts), *opts)
+            for rid, p, sp, opts in zip(
                 rids, prompts, sps, self._logprob_options(req, b), strict=True
-            )
+            )  # fmt: skip
         ]
         return items, single and (sps[0].n or 1) == 1
 
-    def _logprob_options(self, req: GenerateRequest, b: int) -> list[tuple[bool, int]]:
-        """(return_logprob, top_logprobs_num) per prompt."""
-        for lsl in self._per_prompt(req.logprob_start_len, b, "logprob_start_len") or []:
-            if lsl not in (None, -1):
-                raise bad_request("prompt logprobs (logprob_start_len >= 0) are not supported",
-                                  "logprob_start_len")  # fmt: skip
+    def _logprob_options(self, req: GenerateRequest, b: int) -> list[tuple]:
+        """(return_logprob, top_logprobs_num, logprob_start_len, token_ids_logprob) per prompt."""
         logprob = self._per_prompt(req.return_logprob, b, "return_logprob") or [False] * b
         tops = [
             t or 0 for t in self._per_prompt(req.top_logprobs_num, b, "top_logprobs_num") or [0] * b
@@ -107,7 +105,19 @@ class GenerateServing:
         if not all(0 <= t <= self.config.max_logprobs for t in tops):
             raise bad_request(f"top_logprobs_num must be in [0, {self.config.max_logprobs}]",
                               "top_logprobs_num")  # fmt: skip
-        return [(bool(lp), t) for lp, t in zip(logprob, tops, strict=True)]
+        starts = [-1 if s is None else s
+                  for s in self._per_prompt(req.logprob_start_len, b, "logprob_start_len")
+                  or [-1] * b]  # fmt: skip
+        if not all(s >= -1 for s in starts):
+            raise bad_request("logprob_start_len must be >= -1", "logprob_start_len")
+        ids = req.token_ids_logprob
+        per = ([ids] * b if not ids or isinstance(ids[0], int)
+               else self._per_prompt(ids, b, "token_ids_logprob"))  # fmt: skip
+        if any(len(x or []) > self.config.max_logprobs for x in per):
+            raise bad_request(f"at most {self.config.max_logprobs} token_ids_logprob",
+                              "token_ids_logprob")  # fmt: skip
+        return [(bool(lp), t, s, list(x) if x else None)
+                for lp, t, s, x in zip(logprob, tops, starts, per, strict=True)]  # fmt: skip
 
     def _prompts(self, req: GenerateRequest, single: bool) -> list[list[int]]:
         if req.input_ids is not None:
@@ -143,9 +153,8 @@ class GenerateServing:
             raise bad_request(f"request id {busy[0]!r} is already in flight", param="rid")
         return rids
 
-    def _params(
-        self, sp: SGLangSamplingParams, prompt_len: int, logprob: bool, top: int
-    ) -> SamplingParams | None:
+    def _params(self, sp: SGLangSamplingParams, prompt_len: int, logprob: bool, top: int,
+                start: int = -1, token_ids: list[int] | None = None) -> SamplingParams | None:  # fmt: skip
         reject_unsupported(
             {
                 "json_schema": (sp.json_schema, None),
@@ -161,7 +170,8 @@ class GenerateServing:
                 f"n={n} exceeds the limit {self.config.max_n}", param="sampling_params.n"
             )
         wanted = 128 if sp.max_new_tokens is None else sp.max_new_tokens
-        if wanted == 0:
+        scoring = logprob and start >= 0
+        if wanted == 0 and not scoring:
             return None
         stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
         if len(stop) > self.config.max_stop:
@@ -174,6 +184,9 @@ class GenerateServing:
             top_k=sp.top_k,
             min_p=sp.min_p,
             max_tokens=self.checker.max_new_tokens(prompt_len, wanted, clamp=True),
+            prompt_logprobs=top if scoring else None,
+            prompt_logprob_start=max(start, 0),
+            logprob_token_ids=token_ids if logprob else None,
             n=n,
             seed=sp.sampling_seed,
             stop=stop,

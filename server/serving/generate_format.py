@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from server.serving.common import json_logprob, version_spans
+from server.serving.prompt_format import sglang_input_logprobs
 
 if TYPE_CHECKING:
     from server.serving.generate import GenerateServing, _Item
@@ -27,7 +28,11 @@ class GenerateFormatter:
         n = len(out.outputs)
         res = []
         for o in out.outputs:
-            d = {"text": o.text, "output_ids": list(o.token_ids), "meta_info": self._meta(it, o, n)}
+            meta = self._meta(it, o, n)
+            if it.logprob:
+                meta |= sglang_input_logprobs(out.prompt_logprobs, it.prompt, it.logprob_start,
+                                              it.top_logprobs, it.token_ids, self._text)  # fmt: skip
+            d = {"text": o.text, "output_ids": list(o.token_ids), "meta_info": meta}
             if self.prompt_ids:
                 d["prompt_token_ids"] = list(it.prompt)
             d["_index"] = i * n + o.index
@@ -69,6 +74,11 @@ class GenerateFormatter:
                     for t, lp in sorted(top.items(), key=lambda kv: -kv[1])
                 ]
                 for top in (o.top_logprobs or [])
+            ]
+        if it.logprob and it.token_ids:
+            meta["output_token_ids_logprobs"] = [
+                [[json_logprob(lp), t, self._text(t)] for t, lp in row.items()]
+                for row in (o.token_ids_logprobs or [])
             ]
         return meta
 

@@ -77,23 +77,46 @@ class OpenAIServing:
     def _completion_job(self, req: oai.CompletionRequest) -> tuple[list, list[SamplingParams]]:
         """(prompts, sampling params) of a completion request, or a 4xx."""
         self.check_model(req.model)
-        reject_unsupported(
-            {
-                "echo": (req.echo, False),
-                "suffix": (req.suffix, None),
-            }
-        )
+        reject_unsupported({"suffix": (req.suffix, None)})
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
         prompts = self._completion_prompts(req.prompt)
         self.check_counts(req.n, req.logprobs, len(prompts))
+        scoring = self._scoring(req)
         params = [
             self._params(
-                req, req.logprobs, self.checker.max_new_tokens(len(p), req.max_tokens, clamp=False)
-            )
+                req,
+                req.logprobs,
+                self.checker.max_new_tokens(len(p), req.max_tokens, clamp=False),
+                **scoring,
+            )  # fmt: skip
             for p in prompts
         ]
         return prompts, params
+
+    def _scoring(self, req: oai.CompletionRequest) -> dict[str, Any]:
+        """Prompt-scoring keywords of a completion (vLLM's rules): `echo` scores the prompt
+        with `logprobs` alternatives unless `prompt_logprobs` says otherwise; max_tokens=0
+        needs echo; logprob_token_ids needs logprobs."""
+        k = req.prompt_logprobs
+        if k is None and req.echo and (req.logprobs is not None or req.max_tokens == 0):
+            k = req.logprobs or 0
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request("max_tokens=0 needs echo=true (it only scores the prompt)",
+                              "max_tokens")  # fmt: skip
+        if k is not None and k > self.config.max_logprobs:
+            raise bad_request(f"prompt_logprobs={k} exceeds the limit "
+                              f"{self.config.max_logprobs}", "prompt_logprobs")  # fmt: skip
+        if req.stream and req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs are not available when stream=true (use echo)",
+                              "prompt_logprobs")  # fmt: skip
+        ids = req.logprob_token_ids or None
+        if ids is not None and req.logprobs is None:
+            raise bad_request("logprob_token_ids needs logprobs to be set", "logprob_token_ids")
+        if ids is not None and len(ids) > self.config.max_logprobs:
+            raise bad_request(f"at most {self.config.max_logprobs} logprob_token_ids",
+                              "logprob_token_ids")  # fmt: skip
+        return {"prompt_logprobs": k, "logprob_token_ids": ids}
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -166,7 +189,8 @@ class OpenAIServing:
         if num_prompts * n > self.config.max_batch:
             raise bad_request(f"prompts x n exceeds the limit {self.config.max_batch}", param="n")
 
-    def _params(self, req: Any, logprobs: int | None, max_tokens: int) -> SamplingParams:
+    def _params(self, req: Any, logprobs: int | None, max_tokens: int,
+                **scoring: Any) -> SamplingParams:  # fmt: skip
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stop) > self.config.max_stop:
             raise bad_request(f"at most {self.config.max_stop} stop strings", param="stop")
@@ -189,6 +213,7 @@ class OpenAIServing:
             min_tokens=req.min_tokens,
             # OpenAI: biases lie in [-100, 100] (vLLM clamps them the same way)
             logit_bias={t: min(100.0, max(-100.0, b)) for t, b in (req.logit_bias or {}).items()},
+            **scoring,
         )
 
     async def _run(self, req, raw, job, *, chat: bool) -> Response:

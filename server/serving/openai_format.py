@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
+from bebop_spec.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from server.protocol import openai as oai
 from server.serving.common import LOGPROB_FLOOR, json_logprob
+from server.serving.prompt_format import echo_logprobs, vllm_prompt_logprobs
 
 if TYPE_CHECKING:
     from server.serving.openai import OpenAIServing
@@ -36,6 +37,7 @@ class ChoiceFormatter:
         self.created = int(time.time())
         self.model = serving.config.served_model_name
         self.with_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        self.echo = not chat and req.echo  # the prompt leads each choice's text and logprobs
         self.sent_tokens: dict[int, int] = {}
         self.sent_text: dict[int, str] = {}
         self.done: set[int] = set()
@@ -50,8 +52,11 @@ class ChoiceFormatter:
         choices = []
         for i, out in enumerate(finals):
             for o in out.outputs:
+                k = i * self.n + o.index
                 choices.append(
-                    self._choice(i * self.n + o.index, o, 0, len(o.token_ids), o.text, final=True)
+                    self._choice(
+                        k, o, 0, len(o.token_ids), o.text, final=True, pl=out.prompt_logprobs
+                    )  # fmt: skip
                 )
         head = self._head() | self._extras(finals)
         if self.chat:
@@ -101,9 +106,8 @@ class ChoiceFormatter:
                 o.text[len(prev) :] if o.text.startswith(prev) else o.text[_common(prev, o.text) :]
             )
             self.sent_tokens[k], self.sent_text[k] = len(o.token_ids), o.text
-            choice = self._choice(
-                k, o, start, len(o.token_ids), delta, final=o.finished, stream=True
-            )
+            choice = self._choice(k, o, start, len(o.token_ids), delta, final=o.finished,
+                                  stream=True, pl=out.prompt_logprobs)  # fmt: skip
             if o.finished:
                 self.done.add(k)
             head = self._head()
@@ -134,6 +138,7 @@ class ChoiceFormatter:
         *,
         final: bool,
         stream: bool = False,
+        pl: PromptLogprobs | None = None,
     ):
         spans = None
         if final:
@@ -152,11 +157,31 @@ class ChoiceFormatter:
                 index=k, message=oai.ChatMessageOut(content=text), logprobs=logprobs,
                 finish_reason=finish, stop_reason=stop, token_ids=ids, weight_versions=spans,
             )  # fmt: skip
-        prompt_ids = self.prompts[k // self.n] if self.req.return_token_ids and a == 0 else None
+        prompt = self.prompts[k // self.n]
+        lps = self._completion_logprobs(o, a, b, prompt) if self.with_logprobs else None
+        if self.echo and a == 0:
+            text, lps = self._echo(prompt, text, lps, pl)
+        scored = None
+        if final and pl is not None and self.req.prompt_logprobs is not None:
+            scored = vllm_prompt_logprobs(pl, prompt, self.s.token_text)
         return oai.CompletionChoice(
-            index=k, text=text, logprobs=self._completion_logprobs(o, a, b) if self.with_logprobs else None,
-            finish_reason=finish, stop_reason=stop, prompt_token_ids=prompt_ids, token_ids=ids,
-            weight_versions=spans,
+            index=k, text=text, logprobs=lps, finish_reason=finish, stop_reason=stop,
+            prompt_token_ids=prompt if self.req.return_token_ids and a == 0 else None,
+            token_ids=ids, weight_versions=spans, prompt_logprobs=scored,
+        )  # fmt: skip
+
+    def _echo(self, prompt: list[int], text: str, lps: oai.CompletionLogProbs | None,
+              pl: PromptLogprobs | None) -> tuple[str, oai.CompletionLogProbs | None]:  # fmt: skip
+        """The choice's first piece with the prompt in front of its text and logprobs."""
+        tok = self.s.engine.tokenizer
+        head = tok.decode(prompt, skip_special_tokens=self.req.skip_special_tokens) if tok else ""
+        if lps is None or pl is None:
+            return head + text, lps
+        p = echo_logprobs(pl, prompt, self.s.token_text, top=self.req.logprobs > 0)
+        return head + text, oai.CompletionLogProbs(
+            text_offset=p.text_offset + lps.text_offset, tokens=p.tokens + lps.tokens,
+            token_logprobs=p.token_logprobs + lps.token_logprobs,
+            top_logprobs=p.top_logprobs + lps.top_logprobs,
         )  # fmt: skip
 
     def _stop_reason(self, o: CompletionOutput) -> int | str | None:
@@ -168,14 +193,20 @@ class ChoiceFormatter:
         return o.stop_reason
 
     def _top(self, o: CompletionOutput, t: int) -> dict[int, float] | None:
-        if not o.top_logprobs or t >= len(o.top_logprobs):
+        """Alternatives at output position t: the logprob_token_ids when asked (vLLM: they
+        replace the top-k), else the top-k."""
+        alts = o.token_ids_logprobs or o.top_logprobs
+        if not alts or t >= len(alts):
             return None
-        return o.top_logprobs[t]
+        return alts[t]
 
-    def _completion_logprobs(self, o: CompletionOutput, a: int, b: int) -> oai.CompletionLogProbs:
+    def _completion_logprobs(self, o: CompletionOutput, a: int, b: int,
+                             prompt: list[int]) -> oai.CompletionLogProbs:  # fmt: skip
         tt, lps = self.s.token_text, o.logprobs or []
         res = oai.CompletionLogProbs()
         offset = sum(len(tt(x)) for x in o.token_ids[:a])
+        if self.echo:  # offsets count the echoed prompt's tokens first
+            offset += sum(len(tt(x)) for x in prompt)
         for t in range(a, b):
             tok = tt(o.token_ids[t])
             res.tokens.append(tok)
