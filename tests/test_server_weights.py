@@ -441,14 +441,32 @@ def test_vllm_four_phase_weight_transfer(server, http, models):
     assert greedy(http)["output_ids"] == offline_greedy(models[2], models[0] / "mtp")
 
 
-def test_vllm_weight_checker(http, models):
-    """/weight_checker: reset writes random weights of the served shapes (greedy output
-    changes, label kept); checksum / compare need the backend's weight_checksums, which the
-    embedded engine does not expose yet (501, not a wrong answer); a bad action is 400."""
+def test_vllm_weight_checker(http, server, models):
+    """/weight_checker as vLLM: checksum gives one SHA-256 per target weight, keyed
+    `dp0:pp0:pcp0:tp0:<name>`, equal to the digest of the checkpoint's own tensor; compare
+    against that baseline matches, and after reset (zeroed weights: greedy output changes,
+    label kept) it lists every weight as a mismatch; compare without a baseline and a bad
+    action are 400."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    http.post(
+        "/update_weights_from_disk", json={"model_path": str(models[0]), "selector": "target"}
+    )
     before, label = greedy(http)["output_ids"], version(http)
+    sums = http.post("/weight_checker", json={"action": "checksum"}).json()["checksums"]
+    disk = load_file(str(models[0] / "model.safetensors"))
+    key = "dp0:pp0:pcp0:tp0:model.embed_tokens.weight"
+    dtype = server[1].engine.weight_spec("target")["model.embed_tokens.weight"][1]  # as served
+    t = disk["model.embed_tokens.weight"].to(dtype).contiguous().view(-1).view(torch.uint8).numpy()
+    assert sums[key] == hashlib.sha256(t).hexdigest() and len(sums) >= len(disk) - 1
+    same = http.post("/weight_checker", json={"action": "compare", "baseline": sums}).json()
+    assert same == {"match": True, "mismatches": []}
     assert http.post("/weight_checker", json={"action": "reset"}).json() == {"status": "reset"}
     assert greedy(http)["output_ids"] != before and version(http) == label
-    assert http.post("/weight_checker", json={"action": "checksum"}).status_code == 501
+    diff = http.post("/weight_checker", json={"action": "compare", "baseline": sums}).json()
+    assert diff["match"] is False and set(diff["mismatches"]) == set(sums)
     assert http.post("/weight_checker", json={"action": "compare"}).status_code == 400
     assert http.post("/weight_checker", json={"action": "nope"}).status_code == 400
     r = http.post(

@@ -270,6 +270,10 @@ class AsyncEngine:
             lambda: self.engine.update_weights(tensors, selector, weight_version)
         )
 
+    async def weight_checksums(self, selector: str = "target") -> dict[str, str]:
+        """Digests read on the engine thread, between steps (never a half-applied update)."""
+        return await self._call(lambda: self.engine.weight_checksums(selector))
+
     async def relabel_weight_version(self, label: str) -> str:
         return await self._call(lambda: self.engine.relabel_weight_version(label))
 

@@ -17,7 +17,7 @@ from bebop_spec.engine.postprocess import append_step, refresh_text
 from bebop_spec.engine.runner import ModelRunner, StepResult
 from bebop_spec.engine.scheduler import Scheduler
 from bebop_spec.engine.sequence import Sequence
-from bebop_spec.engine.weights import apply_weight_update
+from bebop_spec.engine.weights import apply_weight_update, tensor_digests
 from bebop_spec.errors import InvalidRequest
 from bebop_spec.hardware import checkpoint_dtype, resolve_dtype
 from bebop_spec.models import LoadedModel, load_model
@@ -293,6 +293,10 @@ class LLMEngine:
         self.version += 1
         self.version_labels[self.version] = weight_version or str(self.version)
         return self.weight_version
+
+    def weight_checksums(self, selector: str = "target") -> dict[str, str]:
+        """SHA-256 of each served tensor, keyed as vLLM's only worker keys them."""
+        return tensor_digests(self.runner.parameters_by_selector(selector), "dp0:pp0:pcp0:tp0:")
 
     def weight_aliases(self, selector: str) -> dict[str, str]:
         """Update names stored under another name here (tied embeddings: lm_head → embed)."""

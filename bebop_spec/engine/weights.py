@@ -7,6 +7,7 @@ integer/bool tensors are refused.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -61,3 +62,14 @@ def apply_weight_update(
     for name, t in resolved.items():
         params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
     return list(resolved)
+
+
+def tensor_digests(params: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, str]:
+    """{prefix + name: SHA-256 hex of the tensor's bytes} (vLLM's /weight_checker digests:
+    equal digests mean bit-identical weights, whatever the dtype)."""
+    return {
+        prefix + name: hashlib.sha256(
+            t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        ).hexdigest()
+        for name, t in params.items()
+    }

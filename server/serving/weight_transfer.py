@@ -69,8 +69,8 @@ class WeightTransferServing:
 
     # ---------------------------------------------------------------- checker
     async def checker(self, req: v.WeightCheckerRequest) -> dict[str, Any]:
-        """vLLM's /weight_checker: SHA-256 of every served weight (checksum / compare), or
-        random weights (reset). 409 while paused, as vLLM."""
+        """vLLM's /weight_checker: SHA-256 of every served target weight (checksum / compare),
+        or zeroed weights (reset, as vLLM's zero_weights). 409 while paused, as vLLM."""
         if self.control.paused:
             raise ApiError(409, "weight_checker requires an awake, unpaused engine")
         if req.action == "compare" and req.baseline is None:
@@ -93,17 +93,13 @@ class WeightTransferServing:
         read = getattr(self.engine, "weight_checksums", None)
         if read is None:
             raise ApiError(501, f"{type(self.engine).__name__} cannot report weight checksums")
-        return await read("all")
+        return await read("target")
 
     async def _reset(self) -> None:
-        """Random weights of the served shapes, through the ordinary checked update path (the
-        label stays; the version counter moves)."""
+        """Zero weights of the served shapes (vLLM's reset), through the ordinary checked
+        update path (the label stays; the version counter moves)."""
         spec = self.engine.weight_spec("target")
-        gen = torch.Generator().manual_seed(0)
-        noise = {
-            k: torch.randn(shape, generator=gen).to(dtype) * 0.02
-            for k, (shape, dtype) in spec.items()
-        }
-        ready = check_update(noise, spec)
+        zeros = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in spec.items()}
+        ready = check_update(zeros, spec)
         await self.engine.update_weights(ready, selector="target",
                                          weight_version=self.engine.weight_version)  # fmt: skip
