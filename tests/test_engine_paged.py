@@ -101,3 +101,26 @@ def test_small_budget_caps_context(tiny_model):
 
     with pytest.raises(InvalidRequest):
         llm.engine.add_request("x", list(range(70)), _greedy(4))
+
+
+@pytest.mark.parametrize("draft_mode", [None, "rs"])
+def test_release_kv_mid_generation_frees_and_recovers(tiny_model, reference, draft_mode):
+    """release_kv (SGLang's release_memory_occupation) mid-generation frees both pools (their
+    tensors hold no memory) and retracts every row; the next steps allocate the pools again
+    and finish with the greedy outputs of an uninterrupted run, token for token."""
+    llm = LLM(str(tiny_model), mtp=str(tiny_model / "mtp"), draft_mode=draft_mode,
+              spec_policy="fixed", block_size=8, enable_prefix_caching=False)  # fmt: skip
+    eng = llm.engine
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(str(i), p, _greedy())
+    outs: dict[str, list[int]] = {}
+    for _ in range(6):
+        eng.step()
+    held = eng.runner.cache.nbytes + (eng.runner.mtp_cache.nbytes if eng.runner.mtp_cache else 0)
+    assert eng.release_kv() == held > 0
+    assert eng.runner.cache.nbytes == 0 and eng.blocks.num_free == eng.blocks.num_blocks
+    while eng.has_unfinished():
+        for o in eng.step(only_finished=True):
+            outs[o.request_id] = o.outputs[0].token_ids
+    assert [[outs[str(i)]] for i in range(len(PROMPTS))] == reference
+    assert not eng.runner.kv_released

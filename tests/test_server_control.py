@@ -166,23 +166,26 @@ def test_v1_loads(server):
 
 
 def test_memory_occupation_release_and_resume(server):
-    """verl / AReaL: /release_memory_occupation (with SGLang's tags) stops decoding and
-    drops the K/V of the running request (re-queued, not lost); /resume_memory_occupation
-    continues it to its full length. The embedded engine keeps its memory allocated."""
+    """verl / AReaL: /release_memory_occupation (with SGLang's tags) stops decoding,
+    re-queues the running request (not lost) and frees the KV pool (its tensors hold no
+    memory; the reply says how much was freed); /resume_memory_occupation continues it to
+    its full length, the pool allocated again."""
 
     async def scenario(c, state):
         task = asyncio.create_task(c.post("/generate", json=LONG | {"rid": "mem"}))
         await _until_running(state, "mem")
         r = await c.post("/release_memory_occupation", json={"tags": ["kv_cache", "weights"]})
-        assert r.status_code == 200 and r.json()["success"]
+        assert r.status_code == 200 and r.json()["success"] and "MiB freed" in r.json()["message"]
         await asyncio.sleep(0.2)
         assert not task.done() and state.engine.num_running == 0
+        assert state.engine.engine.runner.cache.nbytes == 0
         assert (await c.post("/resume_memory_occupation", json={"tags": ["weights"]})).json()[
             "success"
         ]
         return (await task).json()
 
     assert len(_run(server, scenario)["output_ids"]) == 200
+    assert not server[1].engine.engine.runner.kv_released
 
 
 def test_info_without_speculation(http):

@@ -260,6 +260,12 @@ class AsyncEngine:
 
         await self._call(do)
 
+    async def release_kv(self) -> int:
+        """Pause (retracting every running request) and free the KV pool; resume() continues
+        and the next step allocates the pool again. Returns bytes freed."""
+        await self.pause("retract")
+        return await self._call(self.engine.release_kv)
+
     async def update_weights(
         self,
         tensors: Mapping[str, torch.Tensor],

@@ -159,6 +159,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.runner.kv_released:  # released by release_kv: allocated again on first use
+            self.runner.restore_kv()
         gamma = self._choose_gamma(batch)
         results = self._run_isolating(batch.kind, batch.seqs, gamma)
         stats = StepStats(draft_mode=self.config.draft_mode or "none",
@@ -309,6 +311,13 @@ class LLMEngine:
             raise InvalidRequest("weight_version label must be non-empty")
         self.version_labels[self.version] = label
         return label
+
+    def release_kv(self) -> int:
+        """Free the KV pool's memory (weights stay): running sequences are retracted and
+        recomputed when generation resumes, which allocates the pool again. Returns bytes freed."""
+        self.retract_all()
+        self.blocks.invalidate()
+        return self.runner.release_kv()
 
     def flush_cache(self) -> int:
         """Drop all cached K/V: running sequences are re-prefilled under the current weights,

@@ -133,6 +133,24 @@ class ModelRunner:
     def speculative(self) -> bool:
         return self.mtp_cache is not None
 
+    def _caches(self) -> list[PagedKVCache]:
+        return [c for c in (self.cache, self.mtp_cache) if c is not None]
+
+    @property
+    def kv_released(self) -> bool:
+        return self.cache.released
+
+    def release_kv(self) -> int:
+        """Free the KV pools (every sequence must have been retracted); returns bytes freed."""
+        freed = sum(c.nbytes for c in self._caches())
+        for c in self._caches():
+            c.release()
+        return freed
+
+    def restore_kv(self) -> None:
+        for c in self._caches():
+            c.restore()
+
     # ------------------------------------------------------------------ helpers
     def _tensor(self, rows: list[list[int]], pad: int) -> torch.Tensor:
         width = max(len(r) for r in rows)

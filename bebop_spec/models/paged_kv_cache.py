@@ -33,12 +33,27 @@ class PagedKVCache:
                             ("head_dim", head_dim), ("max_len", max_len)):  # fmt: skip
             if value <= 0:
                 raise ValueError(f"PagedKVCache {name}={value} must be positive")
-        shape = (num_layers, (num_blocks + 1) * block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.shape = (num_layers, (num_blocks + 1) * block_size, n_kv_heads, head_dim)
+        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_len = max_len
+
+    @property
+    def released(self) -> bool:
+        return self.k.numel() == 0 and self.shape[0] > 0
+
+    def release(self) -> None:
+        """Free the pool's memory (SGLang's release_memory_occupation); nothing it held
+        survives. `restore()` allocates it again, zero-filled."""
+        self.k = self.k.new_empty(0)
+        self.v = self.v.new_empty(0)
+
+    def restore(self) -> None:
+        if self.released:
+            self.k = torch.zeros(self.shape, dtype=self.k.dtype, device=self.k.device)
+            self.v = torch.zeros_like(self.k)
 
     @property
     def scratch(self) -> int:
@@ -47,7 +62,7 @@ class PagedKVCache:
 
     @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return self.shape[0]
 
     @property
     def nbytes(self) -> int:

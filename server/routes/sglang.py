@@ -49,11 +49,11 @@ def sglang_router(state: ServerState) -> APIRouter:
 
     @r.api_route("/release_memory_occupation", methods=["GET", "POST"], dependencies=admin)
     async def release_memory(req: MemoryOccupationRequest | None = None) -> JSONResponse:
-        """The embedded engine cannot free its KV pool: this pauses and drops all K/V
-        (see ControlServing.release_memory); /resume_memory_occupation continues."""
-        await state.control.release_memory((req or MemoryOccupationRequest()).tags)
-        return JSONResponse({"success": True, "message": "Generation paused, KV cache dropped "
-                             "(memory stays allocated on the embedded engine)."})  # fmt: skip
+        """Pause, re-queue running requests, free the KV pool (ControlServing.release_memory);
+        /resume_memory_occupation continues."""
+        freed = await state.control.release_memory((req or MemoryOccupationRequest()).tags)
+        return JSONResponse({"success": True, "message": f"Generation paused; KV cache "
+                             f"released ({freed / 2**20:.1f} MiB freed); weights kept."})  # fmt: skip
 
     @r.api_route("/resume_memory_occupation", methods=["GET", "POST"], dependencies=admin)
     async def resume_memory(req: MemoryOccupationRequest | None = None) -> JSONResponse:

@@ -57,15 +57,19 @@ class ControlServing:
         self.gate.open()
 
     # ---------------------------------------------------- memory occupation
-    async def release_memory(self, tags: list[str] | None) -> None:
-        """SGLang's /release_memory_occupation on the embedded engine: it cannot free its
-        preallocated KV pool or its weights, so this stops decoding and drops every
-        sequence's K/V (running requests are re-queued and recomputed on resume), which is
-        what a trainer needs before it changes the weights; memory stays allocated."""
+    async def release_memory(self, tags: list[str] | None) -> int:
+        """SGLang's /release_memory_occupation on the embedded engine: generation stops,
+        running requests are re-queued (recomputed on resume, not lost) and, for the
+        `kv_cache` tag (or no tags), the KV pool's memory is freed. Weights stay: the engine
+        serves from them, and a trainer updates them in place. Returns KV bytes freed."""
+        release = getattr(self.engine, "release_kv", None)  # the embedded engine's
+        if release is not None and (not tags or "kv_cache" in tags):
+            return await release()
         await self.engine.pause("retract")
+        return 0
 
     async def resume_memory(self, tags: list[str] | None) -> None:
-        await self.resume()  # every tag: there is nothing to re-allocate
+        await self.resume()  # any tag: the KV pool is allocated again by the first step
 
     # -------------------------------------------------------------- tokenizer
     def _tokenizer(self) -> Any:
