@@ -257,33 +257,44 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def _request(route: str, sampling: dict, k: int, n: int, stream: bool) -> dict:
-    """One request of `route` with these sampling params, k top logprobs, n samples."""
+def _request(route: str, sampling: dict, k: int, n: int, stream: bool,
+             scoring: tuple[bool, bool, bool] = (False, False, False)) -> dict:  # fmt: skip
+    """One request of `route` with these sampling params, k top logprobs, n samples, and
+    scoring = (score the prompt, generate nothing, chosen-id logprobs) where the route has it."""
+    score, zero, ids = scoring
+    length = 0 if score and zero else 3
     if route == "/generate":
         sp = {("sampling_seed" if key == "seed" else key): v for key, v in sampling.items()}
-        return {"input_ids": [1, 2, 3], "return_logprob": True, "top_logprobs_num": k,
-                "stream": stream, "sampling_params": sp | {"max_new_tokens": 3, "n": n}}  # fmt: skip
+        body = {"input_ids": [1, 2, 3], "return_logprob": True, "top_logprobs_num": k,
+                "stream": stream, "sampling_params": sp | {"max_new_tokens": length, "n": n}}  # fmt: skip
+        if score:
+            body["logprob_start_len"] = 1
+        return body | ({"token_ids_logprob": [1, 5]} if ids else {})
     body = sampling | {"model": "tiny", "max_tokens": 3, "n": n, "stream": stream}
     if route == "/v1/completions":
-        return body | {"prompt": [1, 2, 3], "logprobs": k}
+        extra = {"echo": True, "max_tokens": length} if score else {}
+        return body | {"prompt": [1, 2, 3], "logprobs": k} | extra | (
+            {"logprob_token_ids": [1, 5]} if ids else {})  # fmt: skip
     return body | {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
                    "top_logprobs": k}  # fmt: skip
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))  # fmt: skip
 @given(sampling=_SAMPLING, k=st.integers(0, 5), n=st.integers(1, 2), stream=st.booleans(),
-       route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate"]))  # fmt: skip
+       route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate"]),
+       scoring=st.tuples(st.booleans(), st.booleans(), st.booleans()))  # fmt: skip
 def test_any_valid_sampling_and_logprob_options_answer_valid_json(server, sampling, k, n,
-                                                                  stream, route):  # fmt: skip
+                                                                  stream, route, scoring):  # fmt: skip
     """Issue 15: any valid combination of sampling params (T incl. 0 and ~0, top-k, top-p,
-    min-p, seed) and logprob options (0..5 alternatives, n 1..2), on the three generation
-    routes, streamed or not, answers 200 with strict JSON (no NaN / Infinity / error
-    event) whose logprobs are floats in [−9999, 0]. 60 derandomized examples."""
+    min-p, seed) and logprob options (0..5 alternatives, n 1..2; prompt scoring by echo /
+    logprob_start_len, with or without generating; chosen-id logprobs), on the three
+    generation routes, streamed or not, answers 200 with strict JSON (no NaN / Infinity /
+    error event) whose logprobs are floats in [−9999, 0]. 80 derandomized examples."""
     import httpx
 
     srv, _ = server
-    body = _request(route, sampling, k, n, stream)
+    body = _request(route, sampling, k, n, stream, scoring)
     with httpx.Client(base_url=srv.url, timeout=BUDGET_S) as http:
         if not stream:
             r = http.post(route, json=body)
@@ -306,8 +317,11 @@ def _logprob_floats(reply) -> list[float]:
         return [f for x in reply for f in _logprob_floats(x)]
     if "meta_info" in reply:  # SGLang: [logprob, token_id, text] triples
         meta = reply["meta_info"]
-        tops = [t for step in meta.get("output_top_logprobs", []) for t in step]
-        return [t[0] for t in meta.get("output_token_logprobs", []) + tops]
+        triples = meta.get("output_token_logprobs", []) + meta.get("input_token_logprobs", [])
+        for key in ("output_top_logprobs", "input_top_logprobs", "input_token_ids_logprobs",
+                    "output_token_ids_logprobs"):  # fmt: skip
+            triples += [t for step in meta.get(key, []) if step for t in step]
+        return [t[0] for t in triples if t[0] is not None]
     out = []
     for c in reply.get("choices", []):
         lp = c.get("logprobs") or {}
