@@ -15,6 +15,7 @@ import torch
 
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import SpecStats, StepStats
+from bebop_spec.engine.weights import check_update
 from bebop_spec.errors import WeightUpdateError
 from server.config import ServerConfig
 from server.metrics import ServerMetrics, entropy_bucket
@@ -22,7 +23,6 @@ from server.protocol.openai import ChatCompletionRequest, CompletionRequest
 from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
 from server.serving.common import version_spans
 from server.weight_sync.tensors import (
-    check_update,
     load_safetensors_bytes,
     parse_dtype,
     unflatten_bucket,

@@ -20,6 +20,7 @@ import torch
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.prompt_logprobs import score_prompt
 from bebop_spec.engine.sequence import Sequence
+from bebop_spec.engine.weights import tied_aliases
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.models import LoadedModel, PagedKVCache
@@ -422,7 +423,4 @@ class ModelRunner:
 
     def aliases(self, selector: str) -> dict[str, str]:
         """Names a trainer may send that are stored under another name here (tied embeddings)."""
-        names = dict(self.target.named_parameters())
-        if "lm_head.weight" not in names and selector in ("target", "all"):
-            return {"lm_head.weight": "model.embed_tokens.weight"}
-        return {}
+        return tied_aliases(dict(self.target.named_parameters()), selector)

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from bebop_spec.engine.weights import check_update
 from server.errors import ApiError
 from server.protocol import sglang as sgl
 from server.protocol import vllm as v
 from server.serving.control import ControlServing
 from server.serving.weights import WeightServing
-from server.weight_sync.tensors import check_update
 
 
 def _failure(message: str, status: int = 400) -> ApiError:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from bebop_spec.engine.weights import check_update, tied_aliases
 from bebop_spec.errors import WeightUpdateError
 from server.backends import ServingBackend
 from server.config import ServerConfig
@@ -25,7 +26,6 @@ from server.metrics import ServerMetrics
 from server.protocol import sglang as sgl
 from server.weight_sync.group import WeightUpdateGroup
 from server.weight_sync.tensors import (
-    check_update,
     load_safetensors_bytes,
     load_safetensors_dir,
     nbytes,
@@ -34,7 +34,6 @@ from server.weight_sync.tensors import (
 )
 
 logger = logging.getLogger("bebop.server")
-TIED_EMBEDDING, TIED_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _ok(message: str, version: str, **extra) -> sgl.UpdateResult:
@@ -61,9 +60,10 @@ class WeightServing:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         try:
             spec = self._spec(selector)
+            aliases = tied_aliases(spec, selector)
             if from_disk:
-                tensors, _ = select_known(tensors, spec)
-            ready = await asyncio.to_thread(check_update, tensors, spec)
+                tensors, _ = select_known(tensors, spec, aliases)
+            ready = await asyncio.to_thread(check_update, tensors, spec, aliases)
             t2 = time.perf_counter()
             label = await self.engine.update_weights(  # no label given: keep it (SGLang)
                 ready, selector=selector, weight_version=version or self.engine.weight_version
@@ -82,15 +82,11 @@ class WeightServing:
         return _ok(message, label, timings={k: round(v, 4) for k, v in timings.items()})
 
     def _spec(self, selector: str) -> dict:
-        """The engine's parameters for `selector`, plus the names trainers send for tied ones."""
+        """The engine's parameters for `selector` (name -> (shape, dtype))."""
         try:
-            spec = dict(self.engine.weight_spec(selector))
+            return dict(self.engine.weight_spec(selector))
         except ValueError as exc:  # e.g. selector "draft" without an MTP head
             raise WeightUpdateError(str(exc)) from exc
-        embed = spec.get(TIED_EMBEDDING)
-        if selector != "draft" and embed is not None and TIED_HEAD not in spec:
-            spec[TIED_HEAD] = embed  # tied embeddings: the engine maps lm_head onto embed_tokens
-        return spec
 
     async def from_disk(self, req: sgl.UpdateWeightsFromDiskRequest) -> sgl.UpdateResult:
         t0 = time.perf_counter()

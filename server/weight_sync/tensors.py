@@ -1,9 +1,8 @@
 """Decode and check incoming weights before anything is swapped.
 
-Every path (disk, HTTP body, distributed group) ends in `check_update`, which checks ALL
-tensors (known name, exact shape, floating dtype, finite values) and casts float dtypes to
-the serving dtype; any problem rejects the whole update (WeightUpdateError). Only
-safetensors is accepted from the network: never pickle.
+Transport only: every path (disk, HTTP body, distributed group) decodes into fresh tensors
+and then goes through the engine layer's one validator, `bebop_spec.engine.weights.
+check_update`. Only safetensors is accepted from the network: never pickle.
 """
 
 from __future__ import annotations
@@ -16,10 +15,8 @@ from pathlib import Path
 import safetensors.torch  # reading checkpoint files from disk
 import torch
 
+from bebop_spec.engine.weights import Spec
 from bebop_spec.errors import WeightUpdateError
-
-Spec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-MAX_REPORTED = 8
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -205,51 +202,12 @@ def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return numel * dtype.itemsize
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True iff no NaN/Inf in t. Fast path: a float32 sum is finite only if every element is
-    (NaN and Inf propagate through addition); only a non-finite sum, which a huge but finite
-    tensor could also produce, pays for the elementwise check."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def check_update(tensors: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
-    """Validate every tensor against `spec` (name -> (shape, dtype)) and cast float dtypes
-    to the serving dtype. Raises WeightUpdateError listing the problems; returns the
-    tensors ready to swap in."""
-    if not tensors:
-        raise WeightUpdateError("the update holds no tensors")
-    problems: list[str] = []
-    ready: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name not in spec:
-            problems.append(f"unknown parameter {name!r}")
-            continue
-        shape, dtype = spec[name]
-        if tuple(t.shape) != tuple(shape):
-            problems.append(f"{name}: shape {tuple(t.shape)} != expected {tuple(shape)}")
-            continue
-        if t.dtype != dtype and not (t.dtype.is_floating_point and dtype.is_floating_point):
-            problems.append(f"{name}: dtype {t.dtype} cannot replace {dtype}")
-            continue
-        t = t.to(dtype) if t.dtype != dtype else t
-        if t.dtype.is_floating_point and not all_finite(t):
-            problems.append(f"{name}: holds non-finite values")
-            continue
-        ready[name] = t
-    if problems:
-        more = f" (+{len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
-        raise WeightUpdateError("; ".join(problems[:MAX_REPORTED]) + more)
-    return ready
-
-
 def select_known(
-    tensors: Mapping[str, torch.Tensor], spec: Spec
+    tensors: Mapping[str, torch.Tensor], spec: Spec, aliases: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """For checkpoints read from disk: keep the tensors `spec` names (the selector's part of
-    the model); return them and how many were skipped."""
-    kept = {k: v for k, v in tensors.items() if k in spec}
+    """For checkpoints read from disk: keep the tensors `spec` (or `aliases`) names (the
+    selector's part of the model); return them and how many were skipped."""
+    kept = {k: v for k, v in tensors.items() if k in spec or k in (aliases or {})}
     if not kept:
         raise WeightUpdateError(
             f"none of the {len(tensors)} tensors matches a parameter of the selected weights "
