@@ -85,8 +85,9 @@ def test_lm_eval_local_completions_loglikelihood(http, ref):
     assert abs(total - sum(ref[0][ctxlen:])) < 4 * TOL
     greedy = all(
         tok == max(top.values())
-        for tok, top in zip(lps["token_logprobs"][ctxlen:-1], lps["top_logprobs"][ctxlen:-1],
-                            strict=True)  # fmt: skip
+        for tok, top in zip(
+            lps["token_logprobs"][ctxlen:-1], lps["top_logprobs"][ctxlen:-1], strict=True
+        )  # fmt: skip
     )
     logp = ref[1]
     want = all(int(logp[i - 1].argmax()) == IDS[i] for i in range(ctxlen, len(IDS)))
