@@ -10,7 +10,6 @@ spec totals, per-step observers, and the names / shapes / dtypes a trainer must 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,49 +18,16 @@ import torch
 
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
+from bebop_spec.models.checkpoint import Checkpoint, is_mtp_name
 from bebop_spec.sampling_params import SamplingParams
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 SELECTORS = ("target", "draft", "all")
 # copies of the target's embedding / LM head that exported head directories carry
 SHARED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} of one .safetensors file, from its JSON header only."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {
-        name: (tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]])
-        for name, meta in header.items()
-        if name != "__metadata__"
-    }
-
-
 def checkpoint_spec(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        spec.update(safetensors_header(f))
-    return spec
-
-
-def is_draft_name(name: str, num_hidden_layers: int) -> bool:
-    """MTP tensors in either layout: `mtp.*` or DeepSeek-style `model.layers.{>= N}.*`."""
-    if name.startswith("mtp."):
-        return True
-    parts = name.split(".")
-    return (
-        len(parts) > 2
-        and parts[:2] == ["model", "layers"]
-        and parts[2].isdigit()
-        and (int(parts[2]) >= num_hidden_layers)
-    )
+    return Checkpoint(directory).spec()
 
 
 def weight_spec_of(
@@ -71,7 +37,7 @@ def weight_spec_of(
     if selector not in SELECTORS:
         raise ValueError(f"selector={selector!r}: expected one of {SELECTORS}")
     target = checkpoint_spec(model_dir)
-    draft = {k: v for k, v in target.items() if is_draft_name(k, num_hidden_layers)}
+    draft = {k: v for k, v in target.items() if is_mtp_name(k, num_hidden_layers)}
     target = {k: v for k, v in target.items() if k not in draft}
     if mtp_dir is not None:
         draft = {k: v for k, v in checkpoint_spec(mtp_dir).items() if k not in SHARED_NAMES}

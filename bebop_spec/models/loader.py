@@ -11,22 +11,20 @@ Missing, unexpected or mis-shaped tensors raise ModelLoadError naming the tensor
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from bebop_spec.errors import ModelLoadError
+from bebop_spec.models.checkpoint import Checkpoint, is_mtp_name
 from bebop_spec.models.config import MTP_LAYOUTS, ModelConfig
 from bebop_spec.models.decoder import DenseDecoder
 from bebop_spec.models.mtp import MTPHead
 
-INDEX_FILE = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -36,53 +34,6 @@ class LoadedModel:
     target: DenseDecoder
     mtp: MTPHead | None
     tokenizer: Any | None  # transformers tokenizer, or None when the directory has none
-
-
-class Checkpoint:
-    """Tensor names, shapes and files of a directory's safetensors (single file or sharded)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.files = _safetensors_files(self.directory)
-        self.location: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in self.files:  # headers only; no tensor data is read here
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    self.location[name] = file
-                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
-
-    def names(self) -> set[str]:
-        return set(self.location)
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.location[name], []).append(name)
-        out = {}
-        for file, group in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for name in group:
-                    out[name] = f.get_tensor(name)
-        return out
-
-
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"{index} lists shard(s) that do not exist: {missing}")
-        return files
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(directory.glob("*.safetensors"))
-    if not found:
-        raise ModelLoadError(f"no safetensors weights in {directory}")
-    return found
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -120,14 +71,6 @@ def fill_module(
     tensors = {k: t.to(dtype) for k, t in ckpt.read(list(expected)).items()}
     module.load_state_dict(tensors, strict=True, assign=True)
     return module.to(device)
-
-
-def is_mtp_name(name: str, num_hidden_layers: int) -> bool:
-    """True for tensors of an MTP head in either layout (`mtp.*`, `model.layers.{>=N}.*`)."""
-    if name.startswith("mtp."):
-        return True
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return m is not None and int(m.group(1)) >= num_hidden_layers
 
 
 def load_config(path: str | Path) -> ModelConfig:

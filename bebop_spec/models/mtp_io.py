@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from bebop_spec.errors import ModelLoadError
+from bebop_spec.models.checkpoint import INDEX_FILE, Checkpoint, is_mtp_name
 from bebop_spec.models.config import ModelConfig, detect_mtp
 from bebop_spec.models.decoder import DenseDecoder
-from bebop_spec.models.loader import INDEX_FILE, Checkpoint, fill_module, is_mtp_name, read_json
+from bebop_spec.models.loader import fill_module, read_json
 from bebop_spec.models.mtp import MTPHead
 
 BEBOP_KEY = "bebop_mtp"  # our own config block: {"layout", "num_layers", "format"}

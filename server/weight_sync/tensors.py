@@ -12,11 +12,11 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import safetensors.torch  # reading checkpoint files from disk
 import torch
 
 from bebop_spec.engine.weights import Spec
-from bebop_spec.errors import WeightUpdateError
+from bebop_spec.errors import ModelLoadError, WeightUpdateError
+from bebop_spec.models.checkpoint import Checkpoint
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -143,35 +143,12 @@ def load_safetensors_dir(
         base = Path(root).expanduser().resolve()
         if base != real and base not in real.parents:
             raise WeightUpdateError(f"model_path must lie under {base}")
-    if is_file and p.suffix == ".safetensors":
-        files = [p]
-    elif is_dir:
-        files = _checkpoint_files(p)
-    else:
+    if not (is_file and p.suffix == ".safetensors") and not is_dir:
         raise WeightUpdateError(f"model_path {str(path)!r} is not a directory of safetensors files")
-    if not files:
-        raise WeightUpdateError(f"no *.safetensors files in {str(path)!r}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(safetensors.torch.load_file(str(f)))
-        except Exception as exc:
-            raise WeightUpdateError(f"cannot read {f.name}: {exc}") from exc
-    return tensors
-
-
-def _checkpoint_files(d: Path) -> list[Path]:
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise WeightUpdateError(f"malformed {index.name}: {exc}") from exc
-        missing = [s for s in shards if not (d / s).is_file()]
-        if missing:
-            raise WeightUpdateError(f"{index.name} names missing shards: {missing[:3]}")
-        return [d / s for s in shards]
-    return sorted(d.glob("*.safetensors"))
+    try:
+        return Checkpoint(p).read()
+    except ModelLoadError as exc:
+        raise WeightUpdateError(str(exc)) from exc
 
 
 def unflatten_bucket(
