@@ -18,6 +18,7 @@ from server.config import ServerConfig
 from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, FaultMiddleware
 from server.routes.openai import openai_router
+from server.routes.ops import ops_router
 from server.routes.sglang import sglang_router
 from server.routes.vllm import vllm_router
 from server.routes.weights import weights_router
@@ -39,7 +40,7 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
-            state.shutting_down = True
+            state.info.shutting_down = True
             await state.weights.close()
             await engine.shutdown()
             logger.info("engine stopped")
@@ -48,7 +49,7 @@ def build_app(engine: ServingBackend, config: ServerConfig) -> FastAPI:
     app.state.bebop = state
     install_error_handlers(app, on_invalid=lambda path: _count_invalid(state, path))
     routers = [openai_router(state.openai), sglang_router(state), vllm_router(state),
-               weights_router(state)]  # fmt: skip
+               weights_router(state), ops_router(state)]  # fmt: skip
     for router in routers:
         app.include_router(router)
 

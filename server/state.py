@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server.backends import ServingBackend
 from server.config import ServerConfig
@@ -11,6 +10,7 @@ from server.metrics import ServerMetrics
 from server.serving.common import AdmissionGate
 from server.serving.control import ControlServing
 from server.serving.generate import GenerateServing
+from server.serving.info import InfoServing
 from server.serving.openai import OpenAIServing
 from server.serving.tokens import TokensServing
 from server.serving.weight_transfer import WeightTransferServing
@@ -28,8 +28,7 @@ class ServerState:
     control: ControlServing
     weight_transfer: WeightTransferServing
     tokens: TokensServing
-    started_at: float = field(default_factory=time.time)
-    shutting_down: bool = False
+    info: InfoServing
 
     @classmethod
     def build(cls, engine: ServingBackend, config: ServerConfig) -> ServerState:
@@ -48,4 +47,5 @@ class ServerState:
             control=control,
             weight_transfer=WeightTransferServing(weights, control),
             tokens=TokensServing(openai),
+            info=InfoServing(engine, config, control),
         )

@@ -269,7 +269,8 @@ def test_versions_recorded_per_token_across_an_update(server, http, models):
 
 def test_update_weight_version_relabels_without_touching_weights(http):
     """/update_weight_version (SGLang) renames the serving version; greedy output is the same
-    and new tokens carry the new label; an empty label is a 4xx."""
+    and new tokens carry the new label, as does the bebop:weight_version_info gauge (one
+    series, the new label); an empty label is a 4xx."""
     before = greedy(http)
     r = http.post("/update_weight_version", json={"new_version": "relabelled-7"})
     assert r.status_code == 200 and r.json()["new_version"] == "relabelled-7"
@@ -277,6 +278,9 @@ def test_update_weight_version_relabels_without_touching_weights(http):
     after = greedy(http)
     assert after["output_ids"] == before["output_ids"]
     assert after["meta_info"]["weight_version"] == "relabelled-7"
+    info = [x for x in http.get("/metrics").text.splitlines()
+            if x.startswith("bebop:weight_version_info{")]  # fmt: skip
+    assert len(info) == 1 and 'version="relabelled-7"' in info[0], info
     assert http.post("/update_weight_version", json={"new_version": ""}).status_code in (400, 422)
 
 

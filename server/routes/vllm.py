@@ -48,7 +48,7 @@ def vllm_router(state: ServerState) -> APIRouter:
     @r.post("/reset_prefix_cache", dependencies=admin)
     async def reset_prefix_cache() -> Response:
         """= /flush_cache: every sequence's K/V is dropped and recomputed."""
-        await state.engine.flush_cache()
+        await state.control.flush()
         return Response(status_code=200)
 
     # ------------------------------------------- four-phase weight transfer (admin)
@@ -80,7 +80,7 @@ def vllm_router(state: ServerState) -> APIRouter:
 
     @r.get("/weight_info")
     async def weight_info() -> JSONResponse:
-        return JSONResponse({"weight_version": state.engine.weight_version})
+        return JSONResponse({"weight_version": state.info.weight_version()["weight_version"]})
 
     @r.post("/weight_checker", dependencies=admin)
     async def weight_checker(req: v.WeightCheckerRequest) -> JSONResponse:

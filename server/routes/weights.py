@@ -37,14 +37,8 @@ def weights_router(state: ServerState) -> APIRouter:
 
     @r.post("/update_weight_version")
     async def update_weight_version(req: sgl.UpdateWeightVersionRequest) -> JSONResponse:
-        """Relabel the serving weights (SGLang's route): tensors and the per-token version
-        counter stay; aborts in-flight requests first unless told not to."""
-        engine = state.engine
-        if not hasattr(engine, "relabel_weight_version"):
-            raise ApiError(400, f"{type(engine).__name__} cannot relabel weight versions")
-        if req.abort_all_requests:
-            await engine.abort_all()
-        label = await engine.relabel_weight_version(req.new_version)
+        """Relabel the serving weights (SGLang's route; WeightServing.relabel)."""
+        label = await w.relabel(req.new_version, abort_all=req.abort_all_requests)
         return JSONResponse({"success": True, "new_version": label,
                              "message": f"Weight version updated to {label}"})  # fmt: skip
 

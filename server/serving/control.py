@@ -56,6 +56,14 @@ class ControlServing:
         await self.engine.resume()
         self.gate.open()
 
+    async def pause_engine(self, mode: str) -> None:
+        """SGLang's /pause_generation: the engine's own modes (abort / retract / in_place)."""
+        await self.engine.pause(mode)
+
+    async def flush(self) -> int:
+        """Drop every cached K/V (running requests are recomputed); returns how many."""
+        return await self.engine.flush_cache()
+
     # ---------------------------------------------------- memory occupation
     async def release_memory(self, tags: list[str] | None) -> int:
         """SGLang's /release_memory_occupation on the embedded engine: generation stops,

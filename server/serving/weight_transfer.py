@@ -63,8 +63,7 @@ class WeightTransferServing:
     async def finish(self, weight_version: str | None) -> str:
         self.weights.session = None  # closes a start_*_weight_update, if there was one
         if weight_version:
-            await self.engine.relabel_weight_version(weight_version)
-            self.weights.metrics.refresh_version()
+            await self.weights.relabel(weight_version, abort_all=False)
         return self.engine.weight_version
 
     # ---------------------------------------------------------------- checker

@@ -81,6 +81,19 @@ class WeightServing:
         timings = {"receive_s": t1 - t0, "check_s": t2 - t1, "swap_s": t3 - t2, "total_s": total}
         return _ok(message, label, timings={k: round(v, 4) for k, v in timings.items()})
 
+    async def relabel(self, label: str, *, abort_all: bool = True) -> str:
+        """Rename the serving weights' version (tensors and the per-token version counter
+        stay), aborting in-flight requests first unless told not to; the
+        bebop:weight_version_info gauge follows the new label."""
+        if not hasattr(self.engine, "relabel_weight_version"):
+            raise ApiError(400, f"{type(self.engine).__name__} cannot relabel weight versions")
+        async with self.lock:
+            if abort_all:
+                await self.engine.abort_all()
+            label = await self.engine.relabel_weight_version(label)
+        self.metrics.refresh_version()
+        return label
+
     def _spec(self, selector: str) -> dict:
         """The engine's parameters for `selector` (name -> (shape, dtype))."""
         try:
