@@ -19,3 +19,7 @@ class WeightUpdateError(BebopError, ValueError):
 
 class ModelLoadError(BebopError, ValueError):
     """A model directory is missing files or holds mis-shaped tensors."""
+
+
+class BackendUnsupported(BebopError):
+    """The serving backend cannot do this (HTTP 501)."""

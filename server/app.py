@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from bebop_spec.backends import ServingBackend
 from server.auth import AdminGateMiddleware, admin_paths
-from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, FaultMiddleware

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from server.backends import BACKENDS
+from bebop_spec.backends import BACKENDS
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -118,8 +118,8 @@ def build_configs(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from bebop_spec.backends import create_backend
     from server.app import build_app
-    from server.backends import create_backend
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -24,8 +24,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import RequestOutput, StepStats
-from server.backends import ServingBackend
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Entropy (nats) bucket edges for the acceptance-by-entropy counters and histogram.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.backends import ServingBackend
+from bebop_spec.backends import ServingBackend
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
 from server.serving.common import AdmissionGate

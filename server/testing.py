@@ -58,13 +58,13 @@ def serve_model(model: str, mtp: str | None = None, *, engine: dict | None = Non
                 server: dict | None = None) -> Iterator[tuple[ServerThread, Any]]:  # fmt: skip
     """Load `model` into the embedded engine and serve it on a free loopback port.
     Yields (server thread, ServerState)."""
-    from bebop_spec.engine.async_engine import AsyncEngine
+    from bebop_spec.backends.embedded import EmbeddedBackend
     from bebop_spec.engine.config import EngineConfig
     from server.app import build_app
     from server.config import ServerConfig
 
     ecfg = EngineConfig(model=str(model), mtp=None if mtp is None else str(mtp), **(engine or {}))
     scfg = ServerConfig(**{"served_model_name": "tiny", **(server or {})})
-    app = build_app(AsyncEngine(ecfg), scfg)
+    app = build_app(EmbeddedBackend(ecfg), scfg)
     with ServerThread(app) as srv:
         yield srv, app.state.bebop

@@ -17,9 +17,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bebop_spec.backends import remote as remote_backend
+from bebop_spec.backends import sglang as sglang_backend
+from bebop_spec.backends import vllm as vllm_backend
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.errors import WeightUpdateError
-from bebop_spec.integrations import remote_backend, sglang_backend, vllm_backend, vllm_plugin
+from bebop_spec.patching import vllm_plugin
 from bebop_spec.sampling_params import SamplingParams
 
 HF = {

@@ -1,6 +1,6 @@
 """The vLLM 0.33.0 / SGLang 0.5.23 patch sets against the real pinned sources.
 
-Needs the cache built by `python -m bebop_spec.integrations.engine_sources vllm sglang`
+Needs the cache built by `python -m tools.engine_sources vllm sglang`
 (about 2 minutes per engine: wheel download, extract, patch, light venv); skipped otherwise.
 Guards: each patch set applies cleanly to the pristine tree, is idempotent, reverts
 byte-exact, byte-compiles, refuses another version, matches the cached patched tree; and
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bebop_spec import patching
-from bebop_spec.integrations import engine_sources
+from tools import engine_sources
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = [
@@ -35,9 +35,7 @@ def engine(request) -> str:
 
 def _require(path: Path, engine: str) -> Path:
     if not path.exists():
-        pytest.skip(
-            f"{path} missing: run `python -m bebop_spec.integrations.engine_sources {engine}`"
-        )
+        pytest.skip(f"{path} missing: run `python -m tools.engine_sources {engine}`")
     return path
 
 
@@ -97,7 +95,7 @@ def test_patched_tree_matches_the_patch_set(engine, pristine):
     tree = patching.EngineTree(engine, pristine, patching.PINNED[engine])
     for path, (_old, new) in patching.plan(tree, _patch_set(engine), reverse=False).items():
         assert (patched / path.relative_to(pristine)).read_text() == new, (
-            f"stale cache: rerun `python -m bebop_spec.integrations.engine_sources {engine}`"
+            f"stale cache: rerun `python -m tools.engine_sources {engine}`"
         )
 
 

@@ -1,7 +1,7 @@
 """Unit tests of the patched SGLang 0.5.23 code, on CPU.
 
 Run inside an interpreter that imports the *patched* SGLang tree (see
-`python -m bebop_spec.integrations.engine_sources sglang`); tests/test_integrations_engines.py
+`python -m tools.engine_sources sglang`); tests/test_integrations_engines.py
 launches them that way. Elsewhere they skip.
 
 Invariants guarded:
@@ -178,7 +178,7 @@ def test_backend_request_types_are_sglangs():
     )
     from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingParams
 
-    from bebop_spec.integrations import sglang_backend
+    from bebop_spec.backends import sglang as sglang_backend
     from bebop_spec.sampling_params import SamplingParams
 
     d = sglang_backend.sampling_params_dict(

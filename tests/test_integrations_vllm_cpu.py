@@ -1,7 +1,7 @@
 """Unit tests of the patched vLLM 0.33.0 code, on CPU, against vLLM's own functions.
 
 These run inside an interpreter that can import the *patched* vLLM tree (see
-`python -m bebop_spec.integrations.engine_sources vllm`); `tests/test_integrations_vllm.py`
+`python -m tools.engine_sources vllm`); `tests/test_integrations_vllm.py`
 launches them that way. In any other interpreter they skip.
 
 Invariants guarded:
@@ -301,7 +301,7 @@ def test_backend_builds_real_vllm_sampling_params():
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from bebop_spec.integrations import vllm_backend
+    from bebop_spec.backends import vllm as vllm_backend
     from bebop_spec.sampling_params import SamplingParams
 
     ours = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, max_tokens=4,
@@ -330,7 +330,7 @@ def test_backend_converts_real_vllm_outputs():
     from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
     from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
-    from bebop_spec.integrations import vllm_backend
+    from bebop_spec.backends import vllm as vllm_backend
     from bebop_spec.sampling_params import SamplingParams
 
     lps = create_sample_logprobs(True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bebop_spec import patching
-from bebop_spec.integrations.unidiff import PatchError, apply_hunks, parse_unified_diff, patch_text
+from bebop_spec.patching.unidiff import PatchError, apply_hunks, parse_unified_diff, patch_text
 
 ORIG_A = "".join(f"line {i}\n" for i in range(1, 41))
 ORIG_B = "def f():\r\n    return 1\r\n"  # CRLF must survive byte-exact

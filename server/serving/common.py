@@ -14,9 +14,9 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, StreamingResponse
 
+from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import SpecStats
 from bebop_spec.sampling_params import SamplingParams
-from server.backends import ServingBackend
 from server.errors import ApiError, bad_request
 
 T = TypeVar("T")

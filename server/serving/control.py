@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import server
-from server.backends import ServingBackend
+from bebop_spec.backends import ServingBackend
 from server.config import ServerConfig
 from server.errors import ApiError, bad_request
 from server.protocol import vllm as v
@@ -70,9 +70,8 @@ class ControlServing:
         running requests are re-queued (recomputed on resume, not lost) and, for the
         `kv_cache` tag (or no tags), the KV pool's memory is freed. Weights stay: the engine
         serves from them, and a trainer updates them in place. Returns KV bytes freed."""
-        release = getattr(self.engine, "release_kv", None)  # the embedded engine's
-        if release is not None and (not tags or "kv_cache" in tags):
-            return await release()
+        if not tags or "kv_cache" in tags:
+            return await self.engine.release_kv()
         await self.engine.pause("retract")
         return 0
 
@@ -128,7 +127,7 @@ class ControlServing:
         e = self.engine
         running, waiting = e.num_running, e.num_waiting
         slots = e.config.max_num_seqs
-        kv = getattr(e, "kv_cache_info", None)  # the embedded engine's paged pool
+        kv = e.kv_cache_info  # the embedded engine's paged pool; None elsewhere
         usage = kv["blocks_used"] / kv["num_blocks"] if kv else (running / slots if slots else 0.0)
         load = {
             "dp_rank": 0,

@@ -17,10 +17,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from bebop_spec.errors import EngineOverloaded, InvalidRequest
 from bebop_spec.sampling_params import SamplingParams
-from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.errors import ApiError, bad_request
 from server.metrics import ServerMetrics

@@ -10,8 +10,8 @@ import uuid
 from typing import Any
 
 import server
+from bebop_spec.backends import ServingBackend
 from bebop_spec.sampling_params import SamplingParams
-from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.serving.control import ControlServing
 
@@ -91,9 +91,9 @@ class InfoServing:
                 {
                     "avg_spec_accept_length": spec.mean_accepted_length,
                     # decode steps per draft length 0, 1, … (auto policy; null when fixed or none)
-                    "spec_draft_length_steps": getattr(e, "gamma_chosen", None),
+                    "spec_draft_length_steps": e.gamma_chosen,
                     "spec_accept_rate": spec.acceptance_rate,
-                    "kv_cache": getattr(e, "kv_cache_info", None),  # embedded engine only
+                    "kv_cache": e.kv_cache_info,  # None where the backend cannot tell
                     "num_running": e.num_running,
                     "num_waiting": e.num_waiting,
                     "paused": self.control.paused,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from bebop_spec.engine.weights import check_update
+from bebop_spec.errors import BackendUnsupported
 from server.errors import ApiError
 from server.protocol import sglang as sgl
 from server.protocol import vllm as v
@@ -87,12 +88,11 @@ class WeightTransferServing:
         return {"match": not mismatches, "mismatches": mismatches}
 
     async def checksums(self) -> dict[str, str]:
-        """{name: sha256 hex} of the served weights, from the backend's optional
-        `weight_checksums(selector)` (the server cannot read the engine's tensors)."""
-        read = getattr(self.engine, "weight_checksums", None)
-        if read is None:
-            raise ApiError(501, f"{type(self.engine).__name__} cannot report weight checksums")
-        return await read("target")
+        """{name: sha256 hex} of the served target weights (the backend reads them)."""
+        try:
+            return await self.engine.weight_checksums("target")
+        except BackendUnsupported as exc:
+            raise ApiError(501, str(exc)) from exc
 
     async def _reset(self) -> None:
         """Zero weights of the served shapes (vLLM's reset), through the ordinary checked

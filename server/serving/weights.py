@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 import torch
 
+from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.weights import check_update, tied_aliases
 from bebop_spec.errors import WeightUpdateError
-from server.backends import ServingBackend
 from server.config import ServerConfig
 from server.errors import ApiError
 from server.metrics import ServerMetrics
@@ -85,8 +85,6 @@ class WeightServing:
         """Rename the serving weights' version (tensors and the per-token version counter
         stay), aborting in-flight requests first unless told not to; the
         bebop:weight_version_info gauge follows the new label."""
-        if not hasattr(self.engine, "relabel_weight_version"):
-            raise ApiError(400, f"{type(self.engine).__name__} cannot relabel weight versions")
         async with self.lock:
             if abort_all:
                 await self.engine.abort_all()

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bebop_spec.integrations.unidiff import FilePatch, PatchError, parse_unified_diff, patch_text
+from bebop_spec.patching.unidiff import FilePatch, PatchError, parse_unified_diff, patch_text
 
 PINNED = {"vllm": "0.33.0", "sglang": "0.5.23"}
 EXIT_OK, EXIT_CONFLICT, EXIT_VERSION, EXIT_WRITE = 0, 1, 2, 3

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+from bebop_spec.backends.remote import RemoteBackend, new_tokens
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
-from bebop_spec.integrations.remote_backend import RemoteBackend, new_tokens
-from bebop_spec.integrations.vllm_plugin import check_speculative_config
+from bebop_spec.patching.vllm_plugin import check_speculative_config
 from bebop_spec.sampling_params import SamplingParams
 
 PAUSE_MODES = {"abort": "abort", "retract": "keep", "in_place": "keep"}

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from bebop_spec.backends.remote import RemoteBackend, new_tokens
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
 from bebop_spec.errors import WeightUpdateError
-from bebop_spec.integrations.remote_backend import RemoteBackend, new_tokens
 from bebop_spec.sampling_params import SamplingParams
 
 PAUSE_MODES = ("abort", "retract", "in_place")

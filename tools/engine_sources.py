@@ -1,7 +1,7 @@
 """Fetch the pinned vLLM / SGLang sources, patch them, and build a CPU import venv.
 
-    python -m bebop_spec.integrations.engine_sources vllm      # ~1 min download, ~1 min venv
-    python -m bebop_spec.integrations.engine_sources sglang
+    python -m tools.engine_sources vllm      # ~1 min download, ~1 min venv
+    python -m tools.engine_sources sglang
     pytest -m "vllm or sglang" tests/                          # then uses the cache
 
 Layout under the cache dir ($BEBOP_ENGINE_CACHE, default ~/.cache/bebop/engines):

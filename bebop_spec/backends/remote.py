@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bebop_spec.backends.base import ServingBackend
 from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.models.checkpoint import Checkpoint, is_mtp_name
@@ -63,7 +64,7 @@ def read_model_config(model_dir: str | Path) -> Any:
         return SimpleNamespace(**fields)
 
 
-class RemoteBackend:
+class RemoteBackend(ServingBackend):
     """Shared state of a backend whose engine runs elsewhere (see module docstring)."""
 
     backend_name = "remote"
@@ -123,6 +124,16 @@ class RemoteBackend:
         )
 
     # ------------------------------------------------------------------ helpers for subclasses
+    async def relabel_weight_version(self, label: str) -> str:
+        """Rename the serving weights' version here, where every reply reads it (the remote
+        engine keeps its own counter)."""
+        if not label:
+            from bebop_spec.errors import InvalidRequest
+
+            raise InvalidRequest("weight_version label must be non-empty")
+        self.version_labels[self.version] = label
+        return label
+
     def _check_selector(self, selector: str) -> None:
         if selector not in SELECTORS:
             raise ValueError(f"selector={selector!r}: expected one of {SELECTORS}")

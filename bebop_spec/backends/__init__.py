@@ -1,0 +1,7 @@
+"""Serving backends: the contract (base.py), the registry, and the implementations
+(embedded.py; remote.py with vllm.py / sglang.py)."""
+
+from bebop_spec.backends.base import ServingBackend
+from bebop_spec.backends.registry import BACKENDS, create_backend
+
+__all__ = ["BACKENDS", "ServingBackend", "create_backend"]
