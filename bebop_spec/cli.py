@@ -25,7 +25,15 @@ def _cmd_serve(argv: list[str]) -> int:
     return run_serve(parser.parse_args(argv))
 
 
+GENERATE_OPTIONS = ["mtp", "draft_mode", "num_speculative_tokens", "spec_policy", "dtype",
+                    "device", "threads"]  # fmt: skip
+
+
 def _cmd_generate(argv: list[str]) -> int:
+    from bebop_spec.config_args import add_config_args, config_kwargs
+    from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig
+    from bebop_spec.hardware import DTYPES
+
     parser = argparse.ArgumentParser(
         prog="bebop generate", description="Generate offline with the embedded engine."
     )
@@ -34,14 +42,10 @@ def _cmd_generate(argv: list[str]) -> int:
         default=None,
         help="HF model dir, or 'demo' (default: SmolLM2-135M-Instruct + head)",
     )
-    parser.add_argument("--mtp", default=None, help="separate MTP head dir")
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
-    parser.add_argument("--draft-mode", default="rs", choices=["rs", "to", "none"])
-    parser.add_argument("--num-speculative-tokens", type=int, default=3)
-    parser.add_argument("--spec-policy", default="auto", choices=["auto", "fixed"])
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    add_config_args(parser, EngineConfig, GENERATE_OPTIONS, choices={
+        "draft_mode": ["rs", "to", "none"], "spec_policy": list(SPEC_POLICIES),
+        "dtype": list(DTYPES)})  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
@@ -53,9 +57,7 @@ def _cmd_generate(argv: list[str]) -> int:
 
     from bebop_spec import LLM, SamplingParams
 
-    mode = None if args.draft_mode == "none" else args.draft_mode
-    llm = LLM(args.model, mtp=args.mtp, num_speculative_tokens=args.num_speculative_tokens,
-              draft_mode=mode, spec_policy=args.spec_policy, dtype=args.dtype)  # fmt: skip
+    llm = LLM(args.model, **config_kwargs(args, GENERATE_OPTIONS))
     prompts = args.prompt
     if args.chat:
         tok = llm.tokenizer

@@ -17,8 +17,21 @@ from pathlib import Path
 
 from bebop_spec.backends import BACKENDS
 
+ENGINE_OPTIONS = ["mtp", "num_speculative_tokens", "draft_mode", "spec_policy", "max_num_seqs",
+                  "max_model_len", "max_waiting", "dtype", "kv_cache_memory_gb", "block_size",
+                  "num_kv_blocks", "enable_prefix_caching", "device", "threads", "seed"]  # fmt: skip
+SERVER_OPTIONS = ["host", "port", "admin_token", "api_key", "allow_unauthenticated_admin",
+                  "max_n", "weights_root"]  # fmt: skip
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Engine and server options from EngineConfig / ServerConfig (bebop_spec.config_args),
+    plus the few that are the command line's own (model resolution, sizes in MB, logging)."""
+    from bebop_spec.config_args import add_config_args
+    from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig
+    from bebop_spec.hardware import DTYPES
+    from server.config import ServerConfig
+
     a = parser.add_argument
     a(
         "--model",
@@ -26,57 +39,29 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="HF model directory, or 'demo' for the built-in demo model "
         "(default: SmolLM2-135M-Instruct with its Bebop head, converted once into the cache)",
     )
-    a("--mtp", default=None, help="separate MTP head directory")
-    a("--num-speculative-tokens", type=int, default=3)
-    a("--draft-mode", default="rs", choices=["rs", "to", "none"])
-    a("--spec-policy", default="auto", choices=["auto", "fixed"],
-      help="auto: choose 0..--num-speculative-tokens drafts per step for the best measured "
-      "tokens/s (never slower than plain decoding by design); fixed: always draft that many")  # fmt: skip
+    add_config_args(parser, EngineConfig, ENGINE_OPTIONS, choices={
+        "draft_mode": ["rs", "to", "none"], "spec_policy": list(SPEC_POLICIES),
+        "dtype": list(DTYPES)}, help={
+        "spec_policy": "auto: choose 0..--num-speculative-tokens drafts per step for the best "
+        "measured tokens/s (never slower than plain decoding by design); fixed: always draft "
+        "that many",
+        "kv_cache_memory_gb": "KV cache budget in GiB for the paged pool, target and head "
+        "together (default: min(4, a quarter of RAM or free GPU memory)); when it runs out "
+        "sequences are preempted and recomputed, and --max-model-len is lowered if one "
+        "sequence would not fit alone"})  # fmt: skip
     a("--backend", default="embedded", choices=sorted(BACKENDS))
-    a("--host", default="127.0.0.1")
-    a("--port", type=int, default=30000)
-    a("--admin-token", default=os.environ.get("BEBOP_ADMIN_TOKEN"),
-      help="bearer token for admin routes (default: $BEBOP_ADMIN_TOKEN)")  # fmt: skip
-    a("--api-key", default=os.environ.get("BEBOP_API_KEY"),
-      help="bearer key every route but /health* and /metrics needs, as SGLang's and vLLM's "
-      "--api-key (default: $BEBOP_API_KEY); the admin token still guards admin routes")  # fmt: skip
-    a("--allow-unauthenticated-admin", action="store_true",
-      help="allow binding a non-loopback host without an admin token")  # fmt: skip
-    a("--max-num-seqs", type=int, default=64)
-    a("--max-model-len", type=int, default=None)
-    a("--max-waiting", type=int, default=1024, help="queued requests beyond this get HTTP 503")
+    add_config_args(parser, ServerConfig, SERVER_OPTIONS, help={
+        "admin_token": "bearer token for admin routes (default: $BEBOP_ADMIN_TOKEN)",
+        "api_key": "bearer key every route but /health* and /metrics needs, as SGLang's and "
+        "vLLM's --api-key (default: $BEBOP_API_KEY); the admin token still guards admin routes",
+        "allow_unauthenticated_admin": "allow binding a non-loopback host without an admin "
+        "token"})  # fmt: skip
+    parser.set_defaults(admin_token=os.environ.get("BEBOP_ADMIN_TOKEN"),
+                        api_key=os.environ.get("BEBOP_API_KEY"))  # fmt: skip
     a("--served-model-name", default=None, help="model name in the API (default: directory name)")
-    a(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: the checkpoint's bf16/fp16 where the device has bf16 units, else float32",
-    )
-    a("--kv-cache-memory-gb", type=float, default=None,
-      help="KV cache budget in GiB for the paged pool, target and head together (default: "
-      "min(4, a quarter of RAM or free GPU memory)); when it runs out sequences are preempted "
-      "and recomputed, and --max-model-len is lowered if one sequence would not fit alone")  # fmt: skip
-    a("--block-size", type=int, default=16, help="positions per KV block")
-    a("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides the budget)")
-    a("--no-prefix-caching", dest="prefix_caching", action="store_false",
-      help="do not share prompt blocks across samples and requests")  # fmt: skip
-    a("--device", default="cpu")
-    a(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads, process-wide (default: torch's choice)",
-    )
-    a("--seed", type=int, default=0)
-    a("--max-n", type=int, default=64, help="most samples per prompt")
     a("--max-body-mb", type=float, default=16, help="largest JSON request body")
-    a(
-        "--max-tensor-body-mb",
-        type=float,
-        default=8192,
-        help="largest /update_weights_from_tensor body",
-    )
-    a("--weights-root", default=None, help="update_weights_from_disk paths must lie under this")
+    a("--max-tensor-body-mb", type=float, default=8192,
+      help="largest /update_weights_from_tensor body")  # fmt: skip
     a("--graceful-shutdown-s", type=float, default=10.0)
     a("--timeout-keep-alive", type=int, default=75,
       help="idle keep-alive seconds; longer than clients' own (aiohttp 15 s, httpx 5 s) so the "
@@ -86,6 +71,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def build_configs(args: argparse.Namespace):
     """(EngineConfig, ServerConfig) from parsed arguments; ValueError on bad combinations."""
+    from bebop_spec.config_args import config_kwargs
     from bebop_spec.engine.config import EngineConfig
     from bebop_spec.models.defaults import DEMO, resolve_model
     from server.config import ServerConfig
@@ -96,22 +82,16 @@ def build_configs(args: argparse.Namespace):
     if mtp is None and args.model is None:  # an install without the shipped head
         draft_mode = "none"
     engine = EngineConfig(
-        model=str(model), mtp=mtp, num_speculative_tokens=args.num_speculative_tokens,
-        draft_mode=None if draft_mode == "none" else draft_mode,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting, dtype=args.dtype, device=args.device, seed=args.seed,
-        threads=args.threads, spec_policy=args.spec_policy,
-        kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.prefix_caching,
-    )  # fmt: skip
+        model=str(model),
+        **(config_kwargs(args, ENGINE_OPTIONS) | {"mtp": mtp, "draft_mode": draft_mode}),
+    )
     default_name = "bebop-demo" if args.model == DEMO else Path(model).resolve().name
-    name = args.served_model_name or default_name
     server = ServerConfig(
-        host=args.host, port=args.port, served_model_name=name, admin_token=args.admin_token,
-        api_key=args.api_key, allow_unauthenticated_admin=args.allow_unauthenticated_admin,
-        max_n=args.max_n, max_body_bytes=int(args.max_body_mb * 2**20),
-        max_tensor_body_bytes=int(args.max_tensor_body_mb * 2**20), weights_root=args.weights_root,
-    )  # fmt: skip
+        served_model_name=args.served_model_name or default_name,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_tensor_body_bytes=int(args.max_tensor_body_mb * 2**20),
+        **config_kwargs(args, SERVER_OPTIONS),
+    )
     return engine, server
 
 

@@ -15,22 +15,22 @@ SPEC_POLICIES = ("auto", "fixed")
 @dataclass
 class EngineConfig:
     model: str
-    mtp: str | None = None  # separate MTP head directory; None: the model dir's own head, if any
+    mtp: str | None = None  # separate MTP head directory (default: the model directory's own head)
     num_speculative_tokens: int = 3  # γ (fixed policy) or γ_max (auto policy)
-    draft_mode: str | None = "rs"  # "rs" | "to" | None (no speculation)
+    draft_mode: str | None = "rs"  # rs: exact rejection sampling; to: greedy drafts; none/None: off
     spec_policy: str = "auto"  # "auto" | "fixed" (see SPEC_POLICIES)
-    max_num_seqs: int = 64
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64  # most sequences decoded together
+    max_model_len: int | None = None  # context length (default: the model's max positions)
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests are refused (HTTP 503)
     dtype: str = "auto"  # auto: the checkpoint's bf16/fp16 where the device has bf16 units
     kv_cache_memory_gb: float | None = None  # KV budget (GiB); None: hardware.kv_budget_bytes
     block_size: int = 16  # positions per KV block (engine/block_manager.py)
     num_kv_blocks: int | None = None  # exact block count, overriding kv_cache_memory_gb
     enable_prefix_caching: bool = True  # share prompt blocks across samples and requests
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "cpu"  # torch device: cpu, cuda, cuda:1, ...
+    seed: int = 0  # engine seed of requests that bring none
     enforce_no_mtp: bool = False
-    threads: int | None = None  # torch intra-op CPU threads (process-wide); None: leave as is
+    threads: int | None = None  # torch CPU threads, process-wide (default: torch's choice)
 
     def __post_init__(self) -> None:
         if self.draft_mode in ("none", ""):

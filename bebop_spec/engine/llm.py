@@ -24,22 +24,17 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | None = None,
-        mtp: str | None = None,
-        num_speculative_tokens: int = 3,
-        draft_mode: str | None = "rs",
-        **engine_kwargs: Any,
-    ) -> None:
+    def __init__(self, model: str | None = None, mtp: str | None = None,
+                 **engine_kwargs: Any) -> None:  # fmt: skip
+        """`engine_kwargs`: any EngineConfig field (draft_mode, num_speculative_tokens, ...),
+        with EngineConfig's defaults."""
         if model is None or model == DEMO:  # SmolLM2-135M-Instruct + its head, or the demo
             model, mtp = resolve_model(model, mtp)
             if mtp is None:  # an install without the shipped head: serve without drafts
-                draft_mode = None
+                engine_kwargs["draft_mode"] = None
         engine_kwargs.setdefault("max_waiting", 1 << 30)  # offline: the whole batch is queued
         config = EngineConfig(model=str(model), mtp=None if mtp is None else str(mtp),
-                              num_speculative_tokens=num_speculative_tokens,
-                              draft_mode=draft_mode, **engine_kwargs)  # fmt: skip
+                              **engine_kwargs)  # fmt: skip
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
