@@ -25,7 +25,7 @@ def _cmd_serve(argv: list[str]) -> int:
     return run_serve(parser.parse_args(argv))
 
 
-GENERATE_OPTIONS = ["mtp", "draft_mode", "num_speculative_tokens", "spec_policy", "dtype",
+GENERATE_OPTIONS = ["mtp", "draft_mode", "num_speculative_tokens", "spec_policy", "draft_vocab_size", "dtype",
                     "device", "threads"]  # fmt: skip
 
 

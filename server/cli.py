@@ -19,7 +19,8 @@ from bebop_spec.backends import BACKENDS
 
 ENGINE_OPTIONS = ["mtp", "num_speculative_tokens", "draft_mode", "spec_policy", "max_num_seqs",
                   "max_model_len", "max_waiting", "dtype", "kv_cache_memory_gb", "block_size",
-                  "num_kv_blocks", "enable_prefix_caching", "device", "threads", "seed"]  # fmt: skip
+                  "num_kv_blocks", "enable_prefix_caching", "draft_vocab_size", "device", "threads",
+                  "seed"]  # fmt: skip
 SERVER_OPTIONS = ["host", "port", "admin_token", "api_key", "allow_unauthenticated_admin",
                   "max_n", "weights_root"]  # fmt: skip
 

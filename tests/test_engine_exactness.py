@@ -4,7 +4,8 @@ Setup: a random Qwen3 target with a 6-token vocabulary and a deliberately unrela
 MTP head. The `auto-*` configurations let the engine choose γ_t ∈ {0..γ} per step from
 earlier steps' timings and acceptance (engine/gamma.py), so plain and drafting steps
 interleave within one request's samples. `paged-auto-rs` adds prefix sharing (all samples
-share a 21-token prompt's blocks) and preemption (a KV pool too small for the batch). For
+share a 21-token prompt's blocks) and preemption (a KV pool too small for the batch);
+`vocab-*` restricts the head's drafts to 3 of the 6 tokens (spec/draft_vocab.py). For
 each configuration we draw N = 40,000 samples of the first 4 generated tokens
 (one request, n = N, seeded) and compare their empirical joint distribution over the
 6^4 = 1,296 outcomes with the exact probabilities p(x1) p(x2|x1) p(x3|x1,x2) p(x4|...)
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from bebop_spec import LLM, SamplingParams
+from bebop_spec.models.mtp_io import save_draft_vocab
 from bebop_spec.testing import exact_joint, g_test
 
 V, K, N = 6, 4, 40_000
@@ -46,23 +48,32 @@ CONFIGS = [
     ("rs", 2, {"temperature": 0.8, "top_p": 0.8}),
     ("to", 2, {"temperature": 1.0, "top_k": 4, "min_p": 0.05}),
     ("paged-auto-rs", 3, {"temperature": 1.0}),
+    ("vocab-rs", 3, {"temperature": 1.0}),
+    ("vocab-rs", 2, {"temperature": 0.8, "top_k": 4}),
+    ("vocab-to", 2, {"temperature": 1.0}),
 ]
 # "paged-*": a 21-token prompt in blocks of 4 (all N samples share its first 5 blocks) and
 # a KV pool of 600 blocks for 512 running rows that need 3 private blocks each: samples are
 # preempted mid-generation and recomputed, under sharing and the auto policy.
 PAGED = {"block_size": 4, "num_kv_blocks": 600}
 LONG_PROMPT = [1, 4, 2, 5, 0, 3, 3, 1, 2, 4, 0, 5, 1, 1, 2, 3, 4, 5, 0, 2, 1]
+# "vocab-*": the head drafts over 3 of the 6 tokens (q = 0 on 0, 3, 5); those still come out
+# with their exact probabilities, through the residual max(p − q, 0).
+DRAFT_VOCAB = [4, 1, 2, 0, 3, 5]
 
 
 @pytest.mark.parametrize(("mode", "gamma", "kw"), CONFIGS)
 def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
-    paged = mode.startswith("paged-")
-    policy, _, draft = mode.removeprefix("paged-").rpartition("-")  # "auto-rs": γ_t per step
+    paged, vocab = mode.startswith("paged-"), mode.startswith("vocab-")
+    policy, _, draft = mode.removeprefix("paged-").removeprefix("vocab-").rpartition("-")
+    extra = dict(PAGED) if paged else {}
+    if vocab:
+        save_draft_vocab(small_vocab_model / "mtp", DRAFT_VOCAB)
+        extra["draft_vocab_size"] = 3
     prompt = LONG_PROMPT if paged else PROMPT
     llm = LLM(str(small_vocab_model), mtp=str(small_vocab_model / "mtp"),
               draft_mode=None if draft == "none" else draft, num_speculative_tokens=gamma,
-              spec_policy=policy or "fixed", max_num_seqs=512, seed=2024,
-              **(PAGED if paged else {}))  # fmt: skip
+              spec_policy=policy or "fixed", max_num_seqs=512, seed=2024, **extra)  # fmt: skip
     params = SamplingParams(max_tokens=K, n=N, seed=2024, ignore_eos=True, **kw)
     out = llm.generate([prompt], params)[0]
     idx = torch.tensor([c.token_ids for c in out.outputs])
@@ -79,4 +90,7 @@ def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
         assert chosen[0] > 0 and sum(chosen[1:]) > 0, chosen
     if paged:  # sharing and preemption both happened
         assert llm.engine.blocks.stats.hit_tokens > 0 and llm.engine.scheduler.num_preemptions > 0
+    if vocab:  # the drafts stayed in the draft vocabulary, and the rest still came out
+        assert llm.engine.runner.draft_ids.tolist() == sorted(DRAFT_VOCAB[:3])
+        assert set(flat.remainder(V).tolist()) >= {0, 3, 5}
     assert p_value > 1e-3, f"{mode} {kw}: G-test p = {p_value:.2e}"

@@ -291,6 +291,7 @@ class LLMEngine:
         """Validate everything, then copy in place; the version moves only on success."""
         params = self.runner.parameters_by_selector(selector)
         apply_weight_update(params, tensors, self.runner.aliases(selector))
+        self.runner.weights_changed()
         self.blocks.invalidate()  # cached prefixes hold K/V of the old weights
         self.version += 1
         self.version_labels[self.version] = weight_version or str(self.version)

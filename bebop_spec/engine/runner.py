@@ -24,13 +24,15 @@ from bebop_spec.engine.weights import tied_aliases
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.models import LoadedModel, PagedKVCache
-from bebop_spec.models.layers import fuse_projections
+from bebop_spec.models.layers import fuse_projections, linear
+from bebop_spec.models.mtp_io import load_draft_vocab
 from bebop_spec.spec import (
     SamplingTensors,
     TokenHistory,
     draft_tokens,
     draw_uniforms,
     entropy,
+    expand_draft_logits,
     process_logits,
     sample_from_probs,
     token_counts,
@@ -125,6 +127,8 @@ class ModelRunner:
         self.cache = PagedKVCache(layers, *shape)
         self.mtp_cache = PagedKVCache(mtp_layers, *shape) if mtp_layers else None
         self.eos_ids = list(mc.eos_token_ids)
+        self.draft_ids = self._draft_vocab(config, mc.vocab_size)  # [K] or None: all V
+        self._draft_weight: torch.Tensor | None = None  # lm_head rows of draft_ids, cached
         self._sampling_key: tuple[int, ...] = ()
         self._sampling_cached: SamplingTensors | None = None
         self._prompt_mask_key: tuple[int, ...] = ()
@@ -133,6 +137,27 @@ class ModelRunner:
     @property
     def speculative(self) -> bool:
         return self.mtp_cache is not None
+
+    def _draft_vocab(self, config: EngineConfig, vocab: int) -> torch.Tensor | None:
+        k = config.draft_vocab_size
+        if not self.speculative or k is None or k >= vocab:
+            return None
+        ids = load_draft_vocab(config.mtp or config.model, k, vocab)
+        return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
+
+    def _draft_logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Draft logits[B, V] of head outputs g[B, H]: over draft_ids only, −∞ elsewhere
+        (spec/draft_vocab.py), when a draft vocabulary is set."""
+        if self.draft_ids is None:
+            return self.target.compute_logits(g)
+        if self._draft_weight is None:
+            self._draft_weight = self.target.lm_head_weight.index_select(0, self.draft_ids)
+        sub = linear(g, self._draft_weight).float()
+        return expand_draft_logits(sub, self.draft_ids, self.target.lm_head_weight.shape[0])
+
+    def weights_changed(self) -> None:
+        """Forget what was derived from the weights (the draft vocabulary's LM-head rows)."""
+        self._draft_weight = None
 
     def _caches(self) -> list[PagedKVCache]:
         return [c for c in (self.cache, self.mtp_cache) if c is not None]
@@ -371,7 +396,7 @@ class ModelRunner:
                 pos_k = (last_pos + k)[:, None]
                 g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, tables,
                              embed=self.target.embed, step=k)[:, 0]  # fmt: skip
-            q_k = process_logits(self.target.compute_logits(g), st, hist)
+            q_k = process_logits(self._draft_logits(g), st, hist)
             drafts.append(draft_tokens(q_k, u[:, k], self.mode))
             qs.append(q_k)
             if hist is not None:

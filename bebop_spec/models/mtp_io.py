@@ -203,3 +203,28 @@ def _in_head_namespace(name: str, layout: str, first: int) -> bool:
     if layout == "qwen3_next":
         return name.startswith("mtp.")
     return not name.startswith("mtp.") and is_mtp_name(name, first)
+
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # {"token_ids": ranked ids, most frequent first, ...}
+
+
+def save_draft_vocab(directory: str | Path, ranked: list[int], **provenance: object) -> Path:
+    """Write the head's token ranking (spec/draft_vocab.rank_tokens) beside its weights."""
+    path = Path(directory) / DRAFT_VOCAB_FILE
+    path.write_text(json.dumps({"token_ids": [int(t) for t in ranked], **provenance}))
+    return path
+
+
+def load_draft_vocab(directory: str | Path, size: int, vocab_size: int) -> list[int]:
+    """The `size` most frequent token ids of the head in `directory` (ModelLoadError if it
+    has no ranking or the ranking does not fit the vocabulary)."""
+    path = Path(directory) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"draft_vocab_size needs {path} (build it: bebop mtp draft-vocab)")
+    ids = read_json(path).get("token_ids")
+    if not isinstance(ids, list) or len(set(ids)) != len(ids) or len(ids) < size:
+        raise ModelLoadError(f"{path}: token_ids must hold at least {size} distinct ids")
+    chosen = [int(t) for t in ids[:size]]
+    if not all(0 <= t < vocab_size for t in chosen):
+        raise ModelLoadError(f"{path}: token ids outside the vocabulary [0, {vocab_size})")
+    return chosen

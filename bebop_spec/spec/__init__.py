@@ -1,6 +1,7 @@
 """Pure tensor functions of speculative decoding: sampling transforms, chain verification
 (rs / to / greedy), acceptance formulas and statistics. See docs/architecture.md "spec/"."""
 
+from bebop_spec.spec.draft_vocab import expand_draft_logits, rank_tokens
 from bebop_spec.spec.penalties import PenaltyTensors, TokenHistory, apply_penalties, token_counts
 from bebop_spec.spec.sampling import (
     SamplingTensors,
@@ -28,6 +29,8 @@ __all__ = [
     "SamplingTensors",
     "SpecStats",
     "TokenHistory",
+    "expand_draft_logits",
+    "rank_tokens",
     "acceptance_rs",
     "acceptance_to",
     "apply_penalties",
