@@ -68,6 +68,20 @@ def _data_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=_positive_int, default=1)
     p.add_argument("--max-num-seqs", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("sampling from running servers (instead of the embedded engine)")
+    r.add_argument("--server", action="append", default=None, metavar="URL",
+                   help="server base URL, repeatable to spread the load; resumable "
+                   "(OUT/samples.jsonl); --model is then the local target dir, for its "
+                   "tokenizer")  # fmt: skip
+    r.add_argument("--server-api", default="openai", choices=["openai", "sglang"],
+                   help="openai: /v1/completions with token ids; sglang: /generate")  # fmt: skip
+    r.add_argument("--concurrency", type=_positive_int, default=16, help="requests in flight")
+    r.add_argument("--max-retries", type=int, default=5,
+                   help="per request, on connection errors, HTTP 429 / 5xx and aborts")  # fmt: skip
+    r.add_argument("--api-key", default=os.environ.get("BEBOP_API_KEY"),
+                   help="bearer key of the servers (default: $BEBOP_API_KEY)")  # fmt: skip
+    r.add_argument("--skip-tokenizer-check", action="store_true",
+                   help="sample even if the servers cannot show they use the target's tokenizer")  # fmt: skip
     _common(p)
     return p
 
@@ -84,7 +98,16 @@ def cmd_data(argv: list[str]) -> int:
                      max_num_seqs=args.max_num_seqs, device=args.device,
                      dtype=args.dtype)  # fmt: skip
     _setup(args)
-    meta = generate_dataset(cfg, progress=not args.quiet)
+    if args.server:
+        from bebop_spec.train.remote_data import RemoteDataConfig, generate_remote_dataset
+
+        remote = RemoteDataConfig(cfg, servers=tuple(args.server), api=args.server_api,
+                                  concurrency=args.concurrency, max_retries=args.max_retries,
+                                  api_key=args.api_key,
+                                  skip_tokenizer_check=args.skip_tokenizer_check)  # fmt: skip
+        meta = generate_remote_dataset(remote, progress=not args.quiet)
+    else:
+        meta = generate_dataset(cfg, progress=not args.quiet)
     print(f"wrote {meta.num_sequences} sequences ({meta.num_response_tokens} response tokens of "
           f"{meta.num_tokens}) to {args.out}; domains {meta.domains}; finish "
           f"{meta.extra['finish_reasons']}")  # fmt: skip
@@ -262,12 +285,19 @@ def cmd_recipe(argv: list[str]) -> int:
     return 0
 
 
+def cmd_draft_vocab(argv: list[str]) -> int:
+    from bebop_spec.train.draft_vocab import cmd_draft_vocab as run
+
+    return run(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (cmd_data, "self-distillation data from the target (demo corpus or --prompts)"),
     "train": (cmd_train, "train a head (ce | fkl | rkl | tv | e2e_tv), resumable"),
     "eval": (cmd_eval, "acceptance per position: analytic and measured, rs and to"),
     "export": (cmd_export, "write the head in the qwen3_next or deepseek_v3 layout"),
     "recipe": (cmd_recipe, "rebuild a shipped head from its recipe (e.g. smollm2)"),
+    "draft-vocab": (cmd_draft_vocab, "rank the tokens a head drafts (--draft-vocab-size)"),
 }
 
 

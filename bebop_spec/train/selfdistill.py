@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,57 +212,48 @@ def _check_ids(ids: list[int], vocab_size: int, where: str) -> None:
 # ---------------------------------------------------------------- generation
 
 
-def _load_prompts(cfg: DataConfig) -> list[Prompt]:
+def load_prompts(cfg: DataConfig) -> list[Prompt]:
+    """cfg's prompts: the first num_prompts of its prompts file, else the demo corpus's."""
     if cfg.prompts is not None:
         return file_prompts(cfg.prompts, cfg.num_prompts)
     return corpus_prompts(cfg.domains, cfg.num_prompts, cfg.split, cfg.seed, cfg.corpus)
 
 
-def _samples(outputs, prompts: list[Prompt]) -> Iterator[DistillSample]:
-    for out, prompt in zip(outputs, prompts, strict=True):
-        for c in out.outputs:
-            ids = list(out.prompt_token_ids) + list(c.token_ids)
-            mask = [0] * len(out.prompt_token_ids) + [1] * len(c.token_ids)
-            yield DistillSample(ids, mask, prompt.domain)
-
-
-def generate_dataset(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
-    """Sample responses for every prompt and write the dataset to cfg.out; returns its meta."""
-    from bebop_spec import LLM, SamplingParams
-    from bebop_spec.models import load_tokenizer
-
-    prompts = _load_prompts(cfg)
-    llm = LLM(cfg.model, draft_mode=None, max_num_seqs=cfg.max_num_seqs,
-              max_model_len=cfg.max_model_len, dtype=cfg.dtype, device=cfg.device,
-              seed=cfg.seed)  # fmt: skip
-    vocab = llm.engine.model_config.vocab_size
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else llm.tokenizer
-    check_tokenizer(tokenizer, vocab, cfg.tokenizer or cfg.model)
-    limit = llm.engine.max_model_len
+def encode_prompts(prompts: list[Prompt], tokenizer: Any, limit: int | None,
+                   vocab_size: int | None = None) -> tuple[list[Prompt], list[list[int]], int]:  # fmt: skip
+    """(kept prompts, their ids, number skipped): a prompt is skipped when empty or when it
+    leaves no room for a response of >= 2 tokens in a context of `limit` (None: no limit)."""
     kept, encoded, skipped = [], [], 0
     for i, p in enumerate(prompts):
         ids = encode_prompt(tokenizer, p)
-        _check_ids(ids, vocab, f"prompt {i} ({p.domain})")
-        if not ids or len(ids) >= limit - 1:  # leave room for a response of >= 2 tokens
+        if vocab_size is not None:
+            _check_ids(ids, vocab_size, f"prompt {i} ({p.domain})")
+        if not ids or (limit is not None and len(ids) >= limit - 1):
             skipped += 1
             continue
         kept.append(p)
         encoded.append(ids)
     if not kept:
-        raise ValueError(f"no usable prompt: all {len(prompts)} are empty or >= {limit - 1} tokens")
-    params = [
-        SamplingParams(
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_tokens=cfg.max_tokens,
-            n=cfg.samples_per_prompt,
-            seed=cfg.seed * 1_000_003 + i,
-        )  # fmt: skip
-        for i in range(len(kept))
-    ]
-    outputs = llm.generate(encoded, params, use_tqdm=progress)
-    finish = [c.finish_reason for o in outputs for c in o.outputs]
-    extra = {
+        too_long = "" if limit is None else f" or >= {limit - 1} tokens"
+        raise ValueError(f"no usable prompt: all {len(prompts)} are empty{too_long}")
+    return kept, encoded, skipped
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """Seed of kept prompt i's request; its n samples derive theirs from it (SamplingParams)."""
+    return seed * 1_000_003 + i
+
+
+def distill_sample(prompt_ids: list[int], response_ids: list[int], domain: str) -> DistillSample:
+    """Prompt + response with the loss on the response (its final EOS included when sampled)."""
+    ids = list(prompt_ids) + list(response_ids)
+    return DistillSample(ids, [0] * len(prompt_ids) + [1] * len(response_ids), domain)
+
+
+def provenance(cfg: DataConfig, skipped: int, finish: list[str]) -> dict[str, Any]:
+    """meta.json `extra` of a dataset made from cfg: where its prompts came from and how its
+    responses were sampled and ended."""
+    return {
         "source": cfg.prompts or f"demo corpus ({cfg.split})",
         "split": cfg.split,
         "max_tokens": cfg.max_tokens,
@@ -272,8 +262,40 @@ def generate_dataset(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
         "skipped_prompts": skipped,
         "finish_reasons": {r: finish.count(r) for r in sorted(set(map(str, finish)))},
     }
-    return write_dataset(cfg.out, _samples(outputs, kept), model=str(cfg.model),
-                         temperature=cfg.temperature, extra=extra)  # fmt: skip
+
+
+def generate_dataset(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
+    """Sample responses for every prompt and write the dataset to cfg.out; returns its meta."""
+    from bebop_spec import LLM, SamplingParams
+    from bebop_spec.models import load_tokenizer
+
+    prompts = load_prompts(cfg)
+    llm = LLM(cfg.model, draft_mode=None, max_num_seqs=cfg.max_num_seqs,
+              max_model_len=cfg.max_model_len, dtype=cfg.dtype, device=cfg.device,
+              seed=cfg.seed)  # fmt: skip
+    vocab = llm.engine.model_config.vocab_size
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else llm.tokenizer
+    check_tokenizer(tokenizer, vocab, cfg.tokenizer or cfg.model)
+    kept, encoded, skipped = encode_prompts(prompts, tokenizer, llm.engine.max_model_len, vocab)
+    params = [
+        SamplingParams(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens,
+            n=cfg.samples_per_prompt,
+            seed=prompt_seed(cfg.seed, i),
+        )  # fmt: skip
+        for i in range(len(kept))
+    ]
+    outputs = llm.generate(encoded, params, use_tqdm=progress)
+    finish = [c.finish_reason for o in outputs for c in o.outputs]
+    samples = (
+        distill_sample(o.prompt_token_ids, c.token_ids, p.domain)
+        for o, p in zip(outputs, kept, strict=True)
+        for c in o.outputs
+    )
+    return write_dataset(cfg.out, samples, model=str(cfg.model), temperature=cfg.temperature,
+                         extra=provenance(cfg, skipped, finish))  # fmt: skip
 
 
 def prompts_of(ds, domain: str | None = None, limit: int = 0) -> list[list[int]]:
@@ -297,8 +319,13 @@ __all__ = [
     "Prompt",
     "check_tokenizer",
     "corpus_prompts",
+    "distill_sample",
     "encode_prompt",
+    "encode_prompts",
     "file_prompts",
     "generate_dataset",
+    "load_prompts",
+    "prompt_seed",
     "prompts_of",
+    "provenance",
 ]
