@@ -142,7 +142,7 @@ def step_costs(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30
 
     def draft():
         g = mtp(h, ids[:, :1], pos[:, :1], mcache, slots, embed=target.embed, step=0)
-        return target.compute_logits(g)
+        return runner.draft_logits(g[:, -1])  # over the draft vocabulary when one is set
 
     def clock(fn):
         _sync(dev)
@@ -164,6 +164,12 @@ def step_costs(llm: LLM, batch: int, gamma: int, ctx: int = 128, iters: int = 30
     return clock(draft) / t_verify, t_verify / clock(plain)
 
 
+def _draft_vocab(engines: dict[str, LLM]) -> int | None:
+    """Tokens the speculative engines draft over (None: the full vocabulary)."""
+    ids = [e.engine.runner.draft_ids for k, e in engines.items() if k != "none"]
+    return None if not ids or ids[0] is None else int(ids[0].numel())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -179,6 +185,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048,
                     help="engine context (prompt + generation); sizes the KV cache")  # fmt: skip
     ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--draft-vocab-size", type=int, default=None,
+                    help="draft over the head's K most frequent tokens (its draft_vocab.json)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
@@ -202,7 +210,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes),
                   max_model_len=args.max_model_len)  # fmt: skip
-    spec = dict(mtp=mtp, num_speculative_tokens=args.gamma, **common)
+    spec = dict(mtp=mtp, num_speculative_tokens=args.gamma, draft_vocab_size=args.draft_vocab_size,
+                **common)  # fmt: skip
     kinds = {"to": ("to", "fixed"), "rs": ("rs", "fixed"), "rs-auto": ("rs", "auto")}
     spec_modes = [m for m in kinds if m in args.engines]
     engines = {"none": LLM(model, draft_mode=None, **common)}
@@ -248,6 +257,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "mtp": mtp, "gamma": args.gamma, "max_tokens": args.max_tokens,
+            "draft_vocab_size": _draft_vocab(engines),
             "ignore_eos": args.ignore_eos, "dtype": dtype, "threads": torch.get_num_threads(), "device": args.device,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

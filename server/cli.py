@@ -49,7 +49,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "kv_cache_memory_gb": "KV cache budget in GiB for the paged pool, target and head "
         "together (default: min(4, a quarter of RAM or free GPU memory)); when it runs out "
         "sequences are preempted and recomputed, and --max-model-len is lowered if one "
-        "sequence would not fit alone"})  # fmt: skip
+        "sequence would not fit alone",
+        "draft_vocab_size": "draft over the head's K most frequent tokens (exact; cuts the "
+        "draft's LM-head cost); default: the head's own (its draft_vocab.json), 0: the full "
+        "vocabulary"})  # fmt: skip
     a("--backend", default="embedded", choices=sorted(BACKENDS))
     add_config_args(parser, ServerConfig, SERVER_OPTIONS, help={
         "admin_token": "bearer token for admin routes (default: $BEBOP_ADMIN_TOKEN)",

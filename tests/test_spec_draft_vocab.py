@@ -67,3 +67,15 @@ def test_draft_vocab_command_counts_response_tokens(tiny_model, tmp_path, capsys
     vocab = json.loads((tmp_path / "draft_vocab.json").read_text())
     assert vocab["token_ids"][:2] in ([5, 7], [7, 5]) and vocab["token_ids"][2] == 0
     assert vocab["tokens_counted"] == 6 and len(vocab["token_ids"]) == 64
+
+
+def test_head_default_size_and_zero_for_full(tiny_model, tmp_path):
+    """draft_vocab_size None takes the head's `default_size` from draft_vocab.json; 0 drafts
+    over the full vocabulary; a head without the file drafts over the full vocabulary."""
+    head = tmp_path / "mtp"
+    shutil.copytree(tiny_model / "mtp", head)
+    kw = {"mtp": str(head), "spec_policy": "fixed"}
+    assert LLM(str(tiny_model), **kw).engine.runner.draft_ids is None
+    save_draft_vocab(head, list(range(64)), default_size=16)
+    assert LLM(str(tiny_model), **kw).engine.runner.draft_ids.tolist() == list(range(16))
+    assert LLM(str(tiny_model), draft_vocab_size=0, **kw).engine.runner.draft_ids is None

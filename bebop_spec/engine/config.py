@@ -29,7 +29,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share prompt blocks across samples and requests
     device: str = "cpu"  # torch device: cpu, cuda, cuda:1, ...
     seed: int = 0  # engine seed of requests that bring none
-    draft_vocab_size: int | None = None  # draft over the head's K likeliest tokens (exact)
+    # draft over the head's K most frequent tokens (exact; spec/draft_vocab.py); None: the
+    # head's own default (its draft_vocab.json), 0: the full vocabulary
+    draft_vocab_size: int | None = None
     enforce_no_mtp: bool = False
     threads: int | None = None  # torch CPU threads, process-wide (default: torch's choice)
 
@@ -56,8 +58,8 @@ class EngineConfig:
             raise ValueError(f"block_size={self.block_size} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 2")
-        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ValueError(f"draft_vocab_size={self.draft_vocab_size} must be >= 1 (or None)")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size} must be >= 0 (or None)")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be > 0")
 

@@ -25,7 +25,7 @@ from bebop_spec.errors import WeightUpdateError
 from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.models import LoadedModel, PagedKVCache
 from bebop_spec.models.layers import fuse_projections, linear
-from bebop_spec.models.mtp_io import load_draft_vocab
+from bebop_spec.models.mtp_io import draft_vocab_default, load_draft_vocab
 from bebop_spec.spec import (
     SamplingTensors,
     TokenHistory,
@@ -139,13 +139,16 @@ class ModelRunner:
         return self.mtp_cache is not None
 
     def _draft_vocab(self, config: EngineConfig, vocab: int) -> torch.Tensor | None:
+        head = config.mtp or config.model
         k = config.draft_vocab_size
-        if not self.speculative or k is None or k >= vocab:
+        if k is None and self.speculative:
+            k = draft_vocab_default(head)
+        if not self.speculative or not k or k >= vocab:
             return None
-        ids = load_draft_vocab(config.mtp or config.model, k, vocab)
+        ids = load_draft_vocab(head, k, vocab)
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
 
-    def _draft_logits(self, g: torch.Tensor) -> torch.Tensor:
+    def draft_logits(self, g: torch.Tensor) -> torch.Tensor:
         """Draft logits[B, V] of head outputs g[B, H]: over draft_ids only, −∞ elsewhere
         (spec/draft_vocab.py), when a draft vocabulary is set."""
         if self.draft_ids is None:
@@ -396,7 +399,7 @@ class ModelRunner:
                 pos_k = (last_pos + k)[:, None]
                 g = self.mtp(g[:, None], drafts[-1][:, None], pos_k, self.mtp_cache, tables,
                              embed=self.target.embed, step=k)[:, 0]  # fmt: skip
-            q_k = process_logits(self._draft_logits(g), st, hist)
+            q_k = process_logits(self.draft_logits(g), st, hist)
             drafts.append(draft_tokens(q_k, u[:, k], self.mode))
             qs.append(q_k)
             if hist is not None:

@@ -215,6 +215,15 @@ def save_draft_vocab(directory: str | Path, ranked: list[int], **provenance: obj
     return path
 
 
+def draft_vocab_default(directory: str | Path) -> int | None:
+    """The draft-vocabulary size a head ships as its default (`default_size`), if any."""
+    path = Path(directory) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        return None
+    size = read_json(path).get("default_size")
+    return int(size) if size else None
+
+
 def load_draft_vocab(directory: str | Path, size: int, vocab_size: int) -> list[int]:
     """The `size` most frequent token ids of the head in `directory` (ModelLoadError if it
     has no ranking or the ranking does not fit the vocabulary)."""
