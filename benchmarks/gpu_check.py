@@ -6,7 +6,7 @@
 1. Parity: the default model (SmolLM2-135M-Instruct, `bebop model fetch`) in float32 and
    bfloat16 on the GPU against `transformers` on the same weights and device: max |Δ logit| over
    three chat prompts (float32 must be < 1e-3; bfloat16 is reported).
-2. Exactness: the 6-token random target of tests/test_engine_exactness.py with an unrelated
+2. Exactness: the 6-token random target of tests/engine/test_engine_exactness.py with an unrelated
    random head, on the GPU, `rs` under the fixed and the auto policy: N = 20,000 samples of the
    first 3 tokens, G-test against exact probabilities from full forwards; pass when p > 1e-3.
 3. Decode: benchmarks/decode.py on the default model and head, bf16, batch 1/4/16/64, T = 1

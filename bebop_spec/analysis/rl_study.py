@@ -6,7 +6,7 @@
 
 A record is one RL step as `clients/examples/grpo.py` logs it (acceptance, policy_entropy,
 mean_accepted_length, reward, rollout_s, step_s, completion_tokens, entropy_buckets).
-Used by `benchmarks/rl_study.py`; tests: tests/test_rl_example_study.py.
+Used by `benchmarks/rl_study.py`; tests: tests/clients/test_rl_example_study.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     <|im_start|>{role}\\n{content}<|im_end|>\\n      (one block per message)
     <|im_start|>assistant\\n                         (generation prompt)
 
-The Python renderer is what the corpus and the trainer use; `tests/test_demo.py` checks that
+The Python renderer is what the corpus and the trainer use; `tests/demo/test_demo.py` checks that
 `tokenizer.apply_chat_template` gives exactly the same text.
 """
 

@@ -12,7 +12,7 @@ that shrinks inside a bucket (requests finishing) cannot make drafting look chea
 ratio survives the slow growth of every step's cost with context length. α comes from decayed
 per-position counts of what verification accepted. The decision reads only what happened in
 earlier steps, never the current step's random draws, so speculative sampling stays exactly
-distributed (tests/test_engine_exactness.py covers `auto`).
+distributed (tests/engine/test_engine_exactness.py covers `auto`).
 
 Exploration is bounded, so that a policy whose drafts cannot pay costs almost nothing: a new
 row count is timed with plain steps (the baseline: free); γ = 1 is timed twice in a bucket

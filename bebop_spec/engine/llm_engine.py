@@ -100,9 +100,11 @@ class LLMEngine:
         bias = params.logit_bias or {}
         if not torch.tensor(list(bias.values()), dtype=torch.float32).isfinite().all():
             raise InvalidRequest("logit_bias values overflow float32")
-        ids = [*(params.logprob_token_ids or []), *bias]
-        if any(t >= self.model_config.vocab_size for t in ids):
-            raise InvalidRequest(f"token id {max(ids)} outside the vocabulary")
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", list(bias)), ("logprob_token_ids",
+                                                       params.logprob_token_ids or [])):  # fmt: skip
+            if any(t >= vocab for t in ids):
+                raise InvalidRequest(f"{name} token id {max(ids)} outside the vocabulary")
         if params.scores_prompt and params.prompt_logprob_start >= len(prompt_ids):
             raise InvalidRequest(f"prompt_logprob_start={params.prompt_logprob_start} is not "
                                  f"below the prompt's {len(prompt_ids)} tokens")  # fmt: skip

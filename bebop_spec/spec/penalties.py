@@ -5,7 +5,7 @@ top-k / top-p (``sampling.process_logits``), to the target's p and the draft's q
 chain position k of a speculative step the row's generated tokens are its output plus the
 drafts d_1..d_{k-1} (``TokenHistory.advance`` / ``along``), exactly what plain decoding
 would have seen there, so p and q stay the distributions of plain sampling and the rejection
-test stays exact. Tests: ``python -m pytest -q tests/test_spec_penalties.py``.
+test stays exact. Tests: ``python -m pytest -q tests/spec/test_spec_penalties.py``.
 """
 
 from __future__ import annotations

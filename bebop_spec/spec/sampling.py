@@ -3,7 +3,7 @@
 Every row of a batch carries its own temperature / top-k / top-p / min-p and nothing here
 loops over rows. The same ``process_logits`` is applied to the target's logits (p) and to
 the MTP head's logits (q), so both sides of the rejection test use the same transforms
-(DESIGN §2). Tests: ``python -m pytest -q tests/test_spec_sampling.py``.
+(DESIGN §2). Tests: ``python -m pytest -q tests/spec/test_spec_sampling.py``.
 """
 
 from __future__ import annotations

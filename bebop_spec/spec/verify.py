@@ -2,7 +2,7 @@
 
 One row is one request's chain of γ drafts. ``verify_chain`` is vectorised over rows and
 positions; every emitted token is distributed exactly as plain sampling from p (tested
-statistically in ``tests/test_spec_verify.py``). Also the analytic acceptance formulas.
+statistically in ``tests/spec/test_spec_verify.py``). Also the analytic acceptance formulas.
 """
 
 from __future__ import annotations

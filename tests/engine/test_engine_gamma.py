@@ -1,0 +1,189 @@
+"""The auto speculation policy: γ_t chosen per step (bebop_spec/engine/gamma.py).
+
+The controller is pure Python, so its decisions are tested on scripted timings; the
+engine-side bookkeeping it relies on (plain steps between drafting steps, the head's
+catch-up after a long plain run) is tested against a fresh engine on the same context.
+Exactness of sampling under `auto` is in tests/engine/test_engine_exactness.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bebop_spec import SamplingParams
+from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.gamma import GammaController, bucket, expected_tokens
+from bebop_spec.engine.llm_engine import LLMEngine
+from bebop_spec.engine.runner import MAX_PENDING
+
+
+def _drive(ctl: GammaController, rows: int, cost, accept, steps: int) -> list[int]:
+    """Run `steps` decisions; cost(γ) -> seconds, accept(γ) -> accepted drafts per row."""
+    chosen = []
+    for _ in range(steps):
+        g = ctl.choose(rows)
+        chosen.append(g)
+        ctl.observe_cost(rows, g, cost(g))
+        if g:
+            ctl.observe_acceptance([accept(g)] * rows, g)
+    return chosen
+
+
+def test_expected_tokens_and_buckets():
+    """tokens(γ) = 1 + α1 + α1α2 + …; buckets are the next power of two."""
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 3) == pytest.approx(1.875)
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+
+
+def test_never_drafts_when_drafting_cannot_pay():
+    """Zero acceptance and drafting that costs: after the γ ≤ 1 timings the policy settles on
+    γ = 0, never tries γ ≥ 2 (it could not win even with free extra drafts), and re-probes
+    only every `reprobe_every` steps (≤ 1 / 50 of steps after warm-up)."""
+    ctl = GammaController(gamma_max=3)
+    chosen = _drive(ctl, 16, cost=lambda g: 1.0 + 0.4 * g, accept=lambda g: 0, steps=500)
+    assert max(chosen) == 1
+    tail = chosen[10:]
+    assert tail.count(0) / len(tail) > 0.97
+
+
+def test_losing_reprobes_back_off():
+    """Drafting that never pays: each re-probe that leaves γ = 0 the best doubles the
+    bucket's interval (50, 100, 200, … ≤ 800 steps), so over 3,000 steps at most 10 drafting
+    steps run (2 warm-up timings + ~7 probes) instead of 60 at a fixed interval."""
+    ctl = GammaController(gamma_max=3)
+    chosen = _drive(ctl, 4, cost=lambda g: 1.0 + 0.5 * g, accept=lambda g: 0, steps=3000)
+    assert sum(1 for g in chosen if g) <= 10
+
+
+def test_a_larger_batch_is_not_explored_when_a_smaller_one_lost():
+    """The verify/plain cost ratio grows with the batch: once batch 1 measured drafting at
+    1.4× a plain step with acceptance ≈ 0, a later batch of 16 never times γ = 1 (it could
+    not win even at batch 1's ratio)."""
+    ctl = GammaController(gamma_max=3)
+    _drive(ctl, 1, cost=lambda g: 1.0 + 0.4 * g, accept=lambda g: 0, steps=20)
+    later = _drive(ctl, 16, cost=lambda g: 2.0 + 2.0 * g, accept=lambda g: 0, steps=45)
+    assert max(later) == 0
+
+
+def test_drafts_the_most_when_acceptance_is_high():
+    """Acceptance 0.9 per position and cheap drafts: the policy settles on γ_max."""
+    ctl = GammaController(gamma_max=3)
+    chosen = _drive(ctl, 1, cost=lambda g: 1.0 + 0.1 * g,
+                    accept=lambda g: g if torch.rand(()) < 0.9 else 0, steps=300)  # fmt: skip
+    assert chosen[-100:].count(3) > 90
+
+
+def test_follows_a_drop_in_acceptance():
+    """A head that stops being accepted (entropy drift): within ~200 steps the policy moves
+    from drafting to plain steps, because acceptance counts decay."""
+    ctl = GammaController(gamma_max=3)
+    cost = lambda g: 1.0 + 0.15 * g  # noqa: E731
+    _drive(ctl, 4, cost, accept=lambda g: g, steps=100)
+    assert ctl.choose(4) == 3
+    late = _drive(ctl, 4, cost, accept=lambda g: 0, steps=300)
+    assert late[-50:].count(0) >= 45
+
+
+def test_a_shrinking_batch_does_not_make_drafting_look_cheap():
+    """Requests finish, so a bucket's rows shrink (16 → 9) while plain steps keep being timed at
+    the current rows: a drafting step (1.9× a plain one, acceptance 0.3: tokens 1.3) must be
+    compared with a plain step at the same rows, so γ = 0 wins throughout (> 90 % of steps)."""
+    ctl = GammaController(gamma_max=2)
+    chosen = []
+    for step in range(400):
+        rows = 16 - min(7, step // 40)
+        g = ctl.choose(rows)
+        chosen.append(g)
+        ctl.observe_cost(rows, g, 0.1 * rows * (1 + 0.9 * g))
+        if g:
+            ctl.observe_acceptance([int(i % 10 < 3) for i in range(rows)], g)
+    assert chosen[20:].count(0) / len(chosen[20:]) > 0.9
+
+
+def test_decision_is_a_function_of_history_only():
+    """Two controllers fed the same observations make the same choices (no hidden state or
+    randomness): γ_t cannot depend on the current step's random draws."""
+    a, b = GammaController(gamma_max=2), GammaController(gamma_max=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ga, gb = a.choose(8), b.choose(8)
+        assert ga == gb
+        t, acc = float(torch.rand((), generator=gen)), int(torch.randint(0, 3, (), generator=gen))
+        for ctl in (a, b):
+            ctl.observe_cost(8, ga, t + ga)
+            if ga:
+                ctl.observe_acceptance([min(acc, ga)] * 8, ga)
+
+
+class _Scripted:
+    """A stand-in policy that plays a fixed γ sequence (then keeps the last)."""
+
+    def __init__(self, gammas: list[int]) -> None:
+        self.gammas = gammas
+
+    def choose(self, rows: int) -> int:
+        return self.gammas.pop(0) if len(self.gammas) > 1 else self.gammas[0]
+
+    def observe_cost(self, *args) -> None: ...
+
+    def observe_acceptance(self, *args) -> None: ...
+
+
+def _engine(model, gamma: int = 2) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model), mtp=str(model / "mtp"), draft_mode="rs",
+                                  num_speculative_tokens=gamma, spec_policy="fixed",
+                                  max_num_seqs=4))  # fmt: skip
+
+
+def _first_draft_q(engine: LLMEngine, prompt: list[int], gammas: list[int]) -> tuple:
+    """Greedy-generate under the scripted γ's; return (context, q of the last drafting step)."""
+    engine.gamma_policy = _Scripted(gammas)
+    captured = {}
+    draft = engine.runner._draft
+
+    def spy(seqs, *rest):
+        drafts, q = draft(seqs, *rest)
+        captured["ctx"], captured["q"] = list(seqs[0].all_ids), q[0].clone()
+        return drafts, q
+
+    engine.runner._draft = spy
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=len(gammas) + 1,
+                                                   ignore_eos=True))  # fmt: skip
+    while engine.has_unfinished():
+        engine.step()
+    return captured["ctx"], captured["q"]
+
+
+def test_head_catch_up_after_plain_steps_equals_fresh_prefill(tiny_model, one_thread):
+    """After MAX_PENDING + 8 plain steps (the head's catch-up runs once in between), the next
+    drafting step's q equals the q a fresh engine drafts after prefilling the same context:
+    the head's cache holds exactly the pairs (h_j, x_{j+1}) it would have had (1e-5)."""
+    prompt = [3, 1, 4, 1, 5]
+    plain = MAX_PENDING + 8
+    ctx, q = _first_draft_q(_engine(tiny_model), prompt, [0] * plain + [2])
+    assert len(ctx) == len(prompt) + plain + 1
+    ref_ctx, ref_q = _first_draft_q(_engine(tiny_model), ctx[:-1], [2])
+    assert ref_ctx == ctx
+    torch.testing.assert_close(q, ref_q, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_greedy_equals_plain(tiny_model, one_thread):
+    """Greedy outputs under `auto` (any mix of γ_t) equal plain decoding token for token."""
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    auto = LLMEngine(EngineConfig(model=str(tiny_model), mtp=str(tiny_model / "mtp"),
+                                  max_num_seqs=4))  # fmt: skip
+    plain = LLMEngine(EngineConfig(model=str(tiny_model), draft_mode=None, max_num_seqs=4))
+    outs = {}
+    for name, eng in (("auto", auto), ("plain", plain)):
+        for i, p in enumerate(([1, 2, 3], [7, 7], [5, 9, 11, 2])):
+            eng.add_request(f"{name}{i}", p, params)
+        done = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id[len(name) :]] = o.outputs[0].token_ids
+        outs[name] = done
+    assert outs["auto"] == outs["plain"]
+    assert auto.gamma_policy is not None and sum(auto.gamma_policy.chosen) > 0
