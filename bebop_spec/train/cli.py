@@ -171,7 +171,8 @@ def cmd_train(argv: list[str]) -> int:
                       device=args.device, dtype=args.dtype,
                       chain_context=args.chain_context)  # fmt: skip
     ckpt = cfg.out_dir / "checkpoint"
-    if ckpt.exists() and args.overwrite:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    if ckpt.exists() and args.overwrite and main:
         shutil.rmtree(ckpt)
         (cfg.out_dir / LOG_FILE).unlink(missing_ok=True)
     elif ckpt.exists() and not args.resume:
@@ -179,6 +180,8 @@ def cmd_train(argv: list[str]) -> int:
                          "it or --overwrite to start again")  # fmt: skip
     _setup(args)
     result = train_mtp(cfg)
+    if not main:
+        return 0
     png = plot_training_curve(result.log_path, cfg.out_dir / "training_curve.png")
     alpha = "/".join(f"{a:.3f}" for a in result.alpha)
     print(f"step {result.step}: loss {result.loss:.4f}, soft acceptance α {alpha}, E[A] "

@@ -14,6 +14,7 @@ parameters are in the AdamW optimiser. Output directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -26,7 +27,15 @@ from tqdm.auto import tqdm
 
 from bebop_spec.train.chain import CONTEXTS, teacher_forced_chain
 from bebop_spec.train.checkpoint import load_checkpoint, save_checkpoint
-from bebop_spec.train.data import DistillDataset, iterate_batches, read_dataset
+from bebop_spec.train.data import Batch, DistillDataset, iterate_batches, read_dataset
+from bebop_spec.train.distributed import (
+    World,
+    all_reduce_sum,
+    close_world,
+    init_world,
+    shard_rows,
+    sum_gradients,
+)
 from bebop_spec.train.losses import LOSSES, get_loss, soft_acceptance
 
 LAYOUTS = ("qwen3_next", "deepseek_v3")
@@ -237,21 +246,54 @@ def _postfix(stats: dict) -> dict:
     return {"loss": f"{stats['loss']:.4f}", "α": "/".join(f"{a:.2f}" for a in stats["alpha"])}
 
 
-def _optimizer_step(cfg: TrainConfig, target, head, opt, batch, step: int) -> dict:
-    """One AdamW update of the head at step `step` (0-based); returns the step's stats."""
+def _optimizer_step(cfg: TrainConfig, target, head, opt, batch, step: int,
+                    world: World = World()) -> dict:  # fmt: skip
+    """One AdamW update of the head at step `step` (0-based) on the global `batch` (this rank
+    takes its rows: train/distributed.py); returns the step's stats over the whole batch."""
     lr = lr_at(step, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
+    if world.size > 1:
+        batch = Batch(*(shard_rows(t, world) for t in (batch.input_ids, batch.loss_mask,
+                                                        batch.lengths)))  # fmt: skip
     loss, stats = chain_loss(cfg, target, head, batch, step)
+    n = float(stats["num_chains"])
+    total = float(all_reduce_sum(torch.tensor([n]), world)) if world.size > 1 else n
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (n / total) if world.size > 1 else loss).backward()
+    sum_gradients(head, world)
     norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip or float("inf"))
     opt.step()
-    return {**stats, "lr": lr, "grad_norm": norm.item()}
+    return {**_global_stats(stats, n, total, world), "lr": lr, "grad_norm": norm.item()}
+
+
+def _global_stats(stats: dict, n: float, total: float, world: World) -> dict:
+    """Chain-weighted means of the ranks' loss, α and accepted length (the one-process values)."""
+    if world.size == 1:
+        return stats
+    local = torch.tensor([stats["loss"], stats["accepted_length"], *stats["alpha"]],
+                         dtype=torch.float64) * (n / total)  # fmt: skip
+    mean = all_reduce_sum(local, world).tolist()
+    return {**stats, "loss": mean[0], "accepted_length": mean[1],
+            "alpha": [round(a, 6) for a in mean[2:]], "num_chains": int(total)}  # fmt: skip
 
 
 def train_mtp(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume training) an MTP head per cfg; see the module docstring."""
+    """Train (or resume training) an MTP head per cfg; see the module docstring. Under
+    torchrun the ranks train data-parallel (train/distributed.py)."""
+    world = init_world(cfg.device)
+    if world.size > 1:
+        if cfg.batch_size % world.size:
+            raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the "
+                             f"{world.size} ranks")  # fmt: skip
+        cfg = dataclasses.replace(cfg, device=world.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, world: World) -> TrainResult:
     torch.manual_seed(cfg.seed)
     ds = read_dataset(cfg.data)
     loaded, head = _build(cfg)
@@ -261,20 +303,25 @@ def train_mtp(cfg: TrainConfig) -> TrainResult:
         head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = load_checkpoint(ckpt, head, opt, cfg) if ckpt.exists() else 0
     log_path = out / LOG_FILE
-    _open_log(log_path, start)
+    if world.main:
+        _open_log(log_path, start)
     batches = iterate_batches(ds, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.gamma, start)
 
     records, stats = [], None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"mtp {cfg.loss}")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"mtp {cfg.loss}",
+               disable=not world.main)  # fmt: skip
     t0 = time.perf_counter()
     for step in bar:
-        stats = _optimizer_step(cfg, target, head, opt, next(batches), step)
+        stats = _optimizer_step(cfg, target, head, opt, next(batches), step, world)
         bar.set_postfix(_postfix(stats))
         done = step + 1
+        if not world.main:
+            continue
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = {"step": done, **stats, "elapsed_s": round(time.perf_counter() - t0, 3)}
             with log_path.open("a") as f:
@@ -284,9 +331,10 @@ def train_mtp(cfg: TrainConfig) -> TrainResult:
             save_checkpoint(ckpt, head, opt, done, cfg, loaded.config)
     bar.close()
     final = max(start, cfg.steps)
-    save_checkpoint(ckpt, head, opt, final, cfg, loaded.config)
     head_dir = out / "head"
-    _export(head, head_dir, cfg, loaded.config)
+    if world.main:
+        save_checkpoint(ckpt, head, opt, final, cfg, loaded.config)
+        _export(head, head_dir, cfg, loaded.config)
     if stats is None:  # nothing left to do after a resume: report the head as it is
         stats = evaluate_head(cfg, target, head, ds, num_batches=1)
     return TrainResult(
