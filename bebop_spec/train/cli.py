@@ -306,7 +306,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 def _usage() -> str:
     lines = ["usage: bebop mtp <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
