@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 
 def _cmd_serve(argv: list[str]) -> int:
-    from server.cli import add_serve_args, run_serve
+    from bebop_spec.server.cli import add_serve_args, run_serve
 
     parser = argparse.ArgumentParser(prog="bebop serve", description="Run the rollout server.")
     add_serve_args(parser)

@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bebop_spec.sampling_params import SamplingParams  # noqa: E402
+from bebop_spec.server.testing import free_port  # noqa: E402
 from bebop_spec.testing import make_tiny_model  # noqa: E402
-from server.testing import free_port  # noqa: E402
 
 SERVE = "import sys; from bebop_spec.cli import main; sys.exit(main(['serve', *sys.argv[1:]]))"
 
@@ -242,7 +242,7 @@ def _timed(fn) -> float:
 
 
 def run_weights(args, root: Path) -> dict:
-    from server.weight_sync.group import init_custom_process_group
+    from bebop_spec.server.weight_sync.group import init_custom_process_group
 
     src = big_model(root / "a", args.weight_params)
     new = big_model(root / "b", args.weight_params)

@@ -2,7 +2,7 @@
 
 A remote engine (vLLM's AsyncLLM, SGLang's Engine) owns scheduling and weights in its
 own processes; the server still needs the `ServingBackend` surface of the embedded
-engine (server/backends.py): version counter and labels, running / waiting counts,
+engine (bebop_spec/backends/base.py): version counter and labels, running / waiting counts,
 spec totals, per-step observers, and the names / shapes / dtypes a trainer must send
 (`weight_spec`), which are read from the checkpoint's safetensors headers.
 """

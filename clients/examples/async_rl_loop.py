@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--model (the served model's directory) is needed with --url")
         asyncio.run(run(args.url, args.model, args))
         return 0
+    from bebop_spec.server.testing import serve_model
     from bebop_spec.testing import make_tiny_model  # the full repo, for the local server
-    from server.testing import serve_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(f"{tmp}/policy", vocab_size=64, seed=0)

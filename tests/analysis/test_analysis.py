@@ -122,7 +122,7 @@ def test_cli_on_server_metrics_scrapes(tmp_path, capsys):
     """A series of real ServerMetrics scrapes per mode (one rs series with a restart) -> the
     per-bucket counts add up across increments and restarts, and the fit on bucket
     midpoints recovers the slope (within 0.03 for N = 30000)."""
-    from server.metrics import ServerMetrics
+    from bebop_spec.server.metrics import ServerMetrics
 
     def engine(mode: str):
         return SimpleNamespace(num_running=0, num_waiting=0, version=0, weight_version="default",

@@ -43,7 +43,7 @@ from bebop_client import (  # noqa: E402
 from bebop_client.base import ClientBase  # noqa: E402
 from bebop_client.transport import Attempts, parse_retry_after  # noqa: E402
 
-from server.testing import ServerThread, free_port  # noqa: E402
+from bebop_spec.server.testing import ServerThread, free_port  # noqa: E402
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, jitter=0.0, down_for_s=30.0)
 PROMPT = [3, 1, 4, 1, 5]
@@ -251,7 +251,7 @@ def real(real_models, tmp_path):
     tests, so each passes alone and in any order. Fixed γ: these tests pin seeded
     reproducibility and per-position counters, which under the auto policy also depend on
     the measured step timings that choose γ_t."""
-    from server.testing import serve_model
+    from bebop_spec.server.testing import serve_model
 
     models, _ = real_models
     with (

@@ -110,7 +110,7 @@ def hf_models(tiny_text_model, tmp_path_factory):
 def test_server_logprobs_match_hf_model(tiny_text_model, hf_models, draft_mode):
     """Same weights, same T: max |Δ| < 1e-4 over every token; wrong weights: max |Δ| > 1 and
     tokens flagged; wrong temperature (1.0 for 0.8): mean |Δ| > 0.01."""
-    from server.testing import serve_model
+    from bebop_spec.server.testing import serve_model
 
     same, other = hf_models
     engine = {"draft_mode": draft_mode, "max_model_len": 128, "spec_policy": "fixed"}
@@ -141,7 +141,7 @@ def test_server_logprobs_match_hf_model(tiny_text_model, hf_models, draft_mode):
 def test_cli(tiny_text_model, tmp_path, capsys):
     """The CLI samples through the client, prints the table and writes the JSON report;
     prompts may be text (the model dir's tokenizer) or JSON token ids."""
-    from server.testing import serve_model
+    from bebop_spec.server.testing import serve_model
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello world\n[5, 9, 2]\n")

@@ -37,7 +37,7 @@ def served(tiny):
     """A real server in this process, serving `tiny` with its random head (rs, fixed γ: the
     auto policy would rightly stop drafting with a random head, and the steps report
     acceptance)."""
-    from server.testing import serve_model
+    from bebop_spec.server.testing import serve_model
 
     with serve_model(str(tiny), str(tiny / "mtp"), engine={"spec_policy": "fixed"}) as (srv, _):
         yield srv.url

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
 from bebop_spec.errors import WeightUpdateError
-from server.testing import serve_model
-from server.weight_sync.tensors import load_safetensors_bytes
+from bebop_spec.server.testing import serve_model
+from bebop_spec.server.weight_sync.tensors import load_safetensors_bytes
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from server.testing import serve_model
+from bebop_spec.server.testing import serve_model
 
 CLIENTS, DROP_EVERY, TOKENS = 64, 10, 48  # 64 streams; clients 0, 10, 20, ... hang up
 RSS_SLACK_MIB = 64

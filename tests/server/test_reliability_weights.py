@@ -29,8 +29,8 @@ import pytest
 import safetensors.torch
 import torch
 
+from bebop_spec.server.testing import free_port, serve_model
 from bebop_spec.testing import make_tiny_model
-from server.testing import free_port, serve_model
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_TIMEOUT_S = 20.0
@@ -90,7 +90,7 @@ def wait_for(cond, timeout: float, what: str) -> None:
 # ------------------------------------------------------------------ trainer killed mid-broadcast
 DYING_TRAINER = r"""
 import sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
-from server.weight_sync.group import init_custom_process_group
+from bebop_spec.server.weight_sync.group import init_custom_process_group
 url, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = httpx.Client(base_url=url, timeout=300)
 body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
@@ -111,7 +111,7 @@ threading.Event().wait()                      # the test kills us here (SIGKILL)
 
 GOOD_TRAINER = r"""
 import json, sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
-from server.weight_sync.group import init_custom_process_group
+from bebop_spec.server.weight_sync.group import init_custom_process_group
 url, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = httpx.Client(base_url=url, timeout=300)
 out = {}

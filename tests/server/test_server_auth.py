@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from server.cli import add_serve_args
-from server.config import ServerConfig
-from server.testing import serve_model
+from bebop_spec.server.cli import add_serve_args
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.testing import serve_model
 
 KEY, ADMIN = "k-123", "adm-456"
 GEN = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}}

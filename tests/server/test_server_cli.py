@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bebop_spec.server.cli import add_serve_args, build_configs
+from bebop_spec.server.testing import free_port
 from bebop_spec.testing import make_tiny_model
-from server.cli import add_serve_args, build_configs
-from server.testing import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = "import sys; from bebop_spec.cli import main; sys.exit(main(['serve', *sys.argv[1:]]))"

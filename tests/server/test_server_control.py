@@ -14,7 +14,7 @@ import json
 import httpx
 import pytest
 
-from server.testing import serve_model
+from bebop_spec.server.testing import serve_model
 
 LONG = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
 

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
+from bebop_spec.server.testing import serve_model
 from bebop_spec.testing import make_tiny_model
-from server.testing import serve_model
 
 TOKEN = "s3cret"
 SLOW = threading.Event()  # while set, every engine step takes >= 200 ms

@@ -14,8 +14,8 @@ import math
 import httpx
 import pytest
 
-from server.serving.common import LOGPROB_FLOOR, json_logprob
-from server.testing import serve_model
+from bebop_spec.server.serving.common import LOGPROB_FLOOR, json_logprob
+from bebop_spec.server.testing import serve_model
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,8 @@ def test_failed_reply_counts_as_failure_not_success(http, route, monkeypatch):
     same keep-alive connection (the next request on it succeeds), counted as
     request_failure{stage=generation, code=500} and not as a success; streamed, the error
     comes in-band as SGLang writes it (`data: {"error": {"message": ...}}`, then [DONE])."""
-    from server.serving.generate_format import GenerateFormatter
-    from server.serving.openai_format import ChoiceFormatter
+    from bebop_spec.server.serving.generate_format import GenerateFormatter
+    from bebop_spec.server.serving.openai_format import ChoiceFormatter
 
     def boom(*args, **kwargs):
         raise ValueError("formatter failed")

@@ -7,8 +7,8 @@ import openai
 import pytest
 
 from bebop_spec import LLM, SamplingParams
+from bebop_spec.server.testing import serve_model
 from bebop_spec.testing import make_tiny_model
-from server.testing import serve_model
 
 
 @pytest.fixture(scope="module")

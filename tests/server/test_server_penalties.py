@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from bebop_spec import LLM, SamplingParams
+from bebop_spec.server.testing import serve_model
 from bebop_spec.testing import make_tiny_model
-from server.testing import serve_model
 
 PROMPT = [5, 9, 11, 4, 7]
 EOS = 63  # make_tiny_model's default: the last id

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from server.testing import serve_model
+from bebop_spec.server.testing import serve_model
 
 TOL = 1e-4
 CONTEXT = [5, 17, 33, 2, 90, 41, 8, 8, 120, 64, 3, 77, 19, 200, 11, 6, 9]

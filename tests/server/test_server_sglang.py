@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from bebop_spec import LLM, SamplingParams
+from bebop_spec.server.testing import serve_model
 from bebop_spec.testing import make_tiny_model
-from server.testing import serve_model
 
 EOS = 63  # make_tiny_model: eos = vocab_size - 1
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.testing import serve_model
+from bebop_spec.server.testing import serve_model
 
 
 def test_draft_length_histogram_and_server_info(tiny_model):

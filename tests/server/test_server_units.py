@@ -17,12 +17,12 @@ from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import SpecStats, StepStats
 from bebop_spec.engine.weights import check_update
 from bebop_spec.errors import WeightUpdateError
-from server.config import ServerConfig
-from server.metrics import ServerMetrics, entropy_bucket
-from server.protocol.openai import ChatCompletionRequest, CompletionRequest
-from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
-from server.serving.common import version_spans
-from server.weight_sync.tensors import (
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.metrics import ServerMetrics, entropy_bucket
+from bebop_spec.server.protocol.openai import ChatCompletionRequest, CompletionRequest
+from bebop_spec.server.protocol.sglang import GenerateRequest, SGLangSamplingParams
+from bebop_spec.server.serving.common import version_spans
+from bebop_spec.server.weight_sync.tensors import (
     load_safetensors_bytes,
     parse_dtype,
     unflatten_bucket,

@@ -17,8 +17,8 @@ import safetensors.torch
 import torch
 
 from bebop_spec import LLM, SamplingParams
+from bebop_spec.server.testing import free_port, serve_model
 from bebop_spec.testing import make_tiny_model
-from server.testing import free_port, serve_model
 
 PROMPT = [3, 1, 4, 1, 5]
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
@@ -167,7 +167,7 @@ def test_tensor_push_draft_only_and_json_form(http, models):
 
 TRAINER = r"""
 import json, sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
-from server.weight_sync.group import init_custom_process_group
+from bebop_spec.server.weight_sync.group import init_custom_process_group
 url, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = httpx.Client(base_url=url, timeout=120)
 results = []
@@ -286,7 +286,7 @@ def test_update_weight_version_relabels_without_touching_weights(http):
 
 SKYRL = r"""
 import json, sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
-from server.weight_sync.group import init_custom_process_group
+from bebop_spec.server.weight_sync.group import init_custom_process_group
 url, ports, path = sys.argv[1], [int(p) for p in sys.argv[2:4]], sys.argv[4]
 c = httpx.Client(base_url=url, timeout=120)
 results = []
@@ -339,8 +339,8 @@ def test_group_name_resolution():
     lists the groups (two groups and an unknown name are ambiguous)."""
     from types import SimpleNamespace
 
-    from server.errors import ApiError
-    from server.serving.weights import WeightServing
+    from bebop_spec.server.errors import ApiError
+    from bebop_spec.server.serving.weights import WeightServing
 
     w = WeightServing.__new__(WeightServing)
     w.groups = {"skyrl": object()}
@@ -392,7 +392,7 @@ def test_update_without_weight_version_keeps_the_label(http, models):
 
 VLLM_TRAINER = r"""
 import json, sys, threading, httpx, safetensors.torch, torch, torch.distributed as dist
-from server.weight_sync.group import init_custom_process_group
+from bebop_spec.server.weight_sync.group import init_custom_process_group
 url, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = httpx.Client(base_url=url, timeout=120)
 results = []

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bebop_spec.server.testing import free_port
 from bebop_spec.testing import make_tiny_model
 from bebop_spec.train import trainer as trainer_mod
 from bebop_spec.train.data import DistillSample, write_dataset
 from bebop_spec.train.trainer import TrainConfig, train_mtp
-from server.testing import free_port
 
 VOCAB, STEPS = 32, 4
 ARGS = dict(loss="e2e_tv", gamma=2, lr=3e-3, batch_size=4, seq_len=24, warmup=1,

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from bebop_spec.cli import main as bebop
+from bebop_spec.server.testing import ServerThread, serve_model
 from bebop_spec.testing import make_tiny_model, make_tiny_tokenizer
 from bebop_spec.train.data import read_dataset
 from bebop_spec.train.remote_client import RemoteError, RetryPolicy, ServerPool
@@ -37,7 +38,6 @@ from bebop_spec.train.remote_data import (
     generate_remote_dataset,
 )
 from bebop_spec.train.selfdistill import DataConfig, encode_prompt, file_prompts, generate_dataset
-from server.testing import ServerThread, serve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,12 +10,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bebop_spec.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput
-from server.protocol import openai as oai
-from server.serving.common import LOGPROB_FLOOR, json_logprob
-from server.serving.prompt_format import echo_logprobs, vllm_prompt_logprobs
+from bebop_spec.server.protocol import openai as oai
+from bebop_spec.server.serving.common import LOGPROB_FLOOR, json_logprob
+from bebop_spec.server.serving.prompt_format import echo_logprobs, vllm_prompt_logprobs
 
 if TYPE_CHECKING:
-    from server.serving.openai import OpenAIServing
+    from bebop_spec.server.serving.openai import OpenAIServing
 
 
 def wire(response: Any) -> dict[str, Any]:

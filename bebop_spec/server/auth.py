@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 
-from server.config import ServerConfig
-from server.errors import ApiError
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.errors import ApiError
 
 OPEN_PREFIXES = ("/health", "/metrics")  # never need the API key (probes, scrapers)
 

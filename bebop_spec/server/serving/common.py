@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import SpecStats
 from bebop_spec.sampling_params import SamplingParams
-from server.errors import ApiError, bad_request
+from bebop_spec.server.errors import ApiError, bad_request
 
 T = TypeVar("T")
 

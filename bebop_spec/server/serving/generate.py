@@ -21,11 +21,11 @@ from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from bebop_spec.errors import EngineOverloaded, InvalidRequest
 from bebop_spec.sampling_params import SamplingParams
-from server.config import ServerConfig
-from server.errors import ApiError, bad_request
-from server.metrics import ServerMetrics
-from server.protocol.sglang import GenerateRequest, SGLangSamplingParams
-from server.serving.common import (
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.errors import ApiError, bad_request
+from bebop_spec.server.metrics import ServerMetrics
+from bebop_spec.server.protocol.sglang import GenerateRequest, SGLangSamplingParams
+from bebop_spec.server.serving.common import (
     AdmissionGate,
     FastJSONResponse,
     PromptChecker,
@@ -40,7 +40,7 @@ from server.serving.common import (
     sse,
     start_streams,
 )
-from server.serving.generate_format import GenerateFormatter
+from bebop_spec.server.serving.generate_format import GenerateFormatter
 
 
 @dataclass

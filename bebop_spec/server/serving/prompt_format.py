@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bebop_spec.engine.outputs import PromptLogprobs
-from server.protocol import openai as oai
-from server.serving.common import json_logprob
+from bebop_spec.server.protocol import openai as oai
+from bebop_spec.server.serving.common import json_logprob
 
 
 def _rows(pl: PromptLogprobs, prompt: list[int], first: int) -> list[int | None]:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.protocol.openai import ChatMessage
+from bebop_spec.server.protocol.openai import ChatMessage
 
 PauseMode = Literal["abort", "wait", "keep"]
 

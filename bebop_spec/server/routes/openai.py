@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.protocol import openai as oai
-from server.serving.openai import OpenAIServing
+from bebop_spec.server.protocol import openai as oai
+from bebop_spec.server.serving.openai import OpenAIServing
 
 
 def openai_router(serving: OpenAIServing) -> APIRouter:

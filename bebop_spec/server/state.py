@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bebop_spec.backends import ServingBackend
-from server.config import ServerConfig
-from server.metrics import ServerMetrics
-from server.serving.common import AdmissionGate
-from server.serving.control import ControlServing
-from server.serving.generate import GenerateServing
-from server.serving.info import InfoServing
-from server.serving.openai import OpenAIServing
-from server.serving.tokens import TokensServing
-from server.serving.weight_transfer import WeightTransferServing
-from server.serving.weights import WeightServing
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.metrics import ServerMetrics
+from bebop_spec.server.serving.common import AdmissionGate
+from bebop_spec.server.serving.control import ControlServing
+from bebop_spec.server.serving.generate import GenerateServing
+from bebop_spec.server.serving.info import InfoServing
+from bebop_spec.server.serving.openai import OpenAIServing
+from bebop_spec.server.serving.tokens import TokensServing
+from bebop_spec.server.serving.weight_transfer import WeightTransferServing
+from bebop_spec.server.serving.weights import WeightServing
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from server.metrics import CONTENT_TYPE
-from server.state import ServerState
+from bebop_spec.server.metrics import CONTENT_TYPE
+from bebop_spec.server.state import ServerState
 
 
 def ops_router(state: ServerState) -> APIRouter:

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server.auth import admin_dependency
-from server.errors import ApiError
-from server.protocol import sglang as sgl
-from server.state import ServerState
+from bebop_spec.server.auth import admin_dependency
+from bebop_spec.server.errors import ApiError
+from bebop_spec.server.protocol import sglang as sgl
+from bebop_spec.server.state import ServerState
 
 OCTET = "application/octet-stream"
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from server.errors import ApiError
+from bebop_spec.server.errors import ApiError
 
 logger = logging.getLogger("bebop.server")
 

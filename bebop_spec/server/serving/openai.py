@@ -20,11 +20,11 @@ from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
 from bebop_spec.errors import EngineOverloaded, InvalidRequest
 from bebop_spec.sampling_params import SamplingParams
-from server.config import ServerConfig
-from server.errors import ApiError, bad_request
-from server.metrics import ServerMetrics
-from server.protocol import openai as oai
-from server.serving.common import (
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.errors import ApiError, bad_request
+from bebop_spec.server.metrics import ServerMetrics
+from bebop_spec.server.protocol import openai as oai
+from bebop_spec.server.serving.common import (
     AdmissionGate,
     FastJSONResponse,
     PromptChecker,
@@ -41,7 +41,7 @@ from server.serving.common import (
     start_streams,
     version_spans,
 )
-from server.serving.openai_format import ChoiceFormatter, wire
+from bebop_spec.server.serving.openai_format import ChoiceFormatter, wire
 
 
 class OpenAIServing:

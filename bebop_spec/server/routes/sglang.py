@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server.auth import admin_dependency, check_admin
-from server.protocol import sglang as sgl
-from server.protocol.vllm import MemoryOccupationRequest
-from server.state import ServerState
+from bebop_spec.server.auth import admin_dependency, check_admin
+from bebop_spec.server.protocol import sglang as sgl
+from bebop_spec.server.protocol.vllm import MemoryOccupationRequest
+from bebop_spec.server.state import ServerState
 
 
 def sglang_router(state: ServerState) -> APIRouter:

@@ -31,7 +31,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     from bebop_spec.config_args import add_config_args
     from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig
     from bebop_spec.hardware import DTYPES
-    from server.config import ServerConfig
+    from bebop_spec.server.config import ServerConfig
 
     a = parser.add_argument
     a(
@@ -78,7 +78,7 @@ def build_configs(args: argparse.Namespace):
     from bebop_spec.config_args import config_kwargs
     from bebop_spec.engine.config import EngineConfig
     from bebop_spec.models.defaults import DEMO, resolve_model
-    from server.config import ServerConfig
+    from bebop_spec.server.config import ServerConfig
 
     # None: SmolLM2-135M-Instruct (converted once) + its shipped head; "demo": the demo model
     model, mtp = resolve_model(args.model, args.mtp)
@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from bebop_spec.backends import create_backend
-    from server.app import build_app
+    from bebop_spec.server.app import build_app
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

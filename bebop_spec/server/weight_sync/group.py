@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from bebop_spec.errors import WeightUpdateError
-from server.weight_sync.tensors import nbytes, unflatten_bucket
+from bebop_spec.server.weight_sync.tensors import nbytes, unflatten_bucket
 
 
 def init_custom_process_group(

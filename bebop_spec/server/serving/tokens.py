@@ -17,9 +17,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
-from server.errors import ApiError
-from server.protocol import vllm as v
-from server.serving.common import (
+from bebop_spec.server.errors import ApiError
+from bebop_spec.server.protocol import vllm as v
+from bebop_spec.server.serving.common import (
     FastJSONResponse,
     SSEResponse,
     cancel_on_disconnect,
@@ -30,7 +30,7 @@ from server.serving.common import (
     reject_unsupported,
     sse,
 )
-from server.serving.openai import OpenAIServing
+from bebop_spec.server.serving.openai import OpenAIServing
 
 
 class TokensServing:

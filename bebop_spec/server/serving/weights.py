@@ -20,12 +20,12 @@ import torch
 from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.weights import check_update, tied_aliases
 from bebop_spec.errors import WeightUpdateError
-from server.config import ServerConfig
-from server.errors import ApiError
-from server.metrics import ServerMetrics
-from server.protocol import sglang as sgl
-from server.weight_sync.group import WeightUpdateGroup
-from server.weight_sync.tensors import (
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.errors import ApiError
+from bebop_spec.server.metrics import ServerMetrics
+from bebop_spec.server.protocol import sglang as sgl
+from bebop_spec.server.weight_sync.group import WeightUpdateGroup
+from bebop_spec.server.weight_sync.tensors import (
     load_safetensors_bytes,
     load_safetensors_dir,
     nbytes,

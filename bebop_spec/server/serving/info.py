@@ -9,11 +9,11 @@ import time
 import uuid
 from typing import Any
 
-import server
+from bebop_spec import server
 from bebop_spec.backends import ServingBackend
 from bebop_spec.sampling_params import SamplingParams
-from server.config import ServerConfig
-from server.serving.control import ControlServing
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.serving.control import ControlServing
 
 HEALTH_TIMEOUT_S = 20.0
 SECRETS = ("admin_token", "api_key")  # never in /get_server_info

@@ -16,13 +16,13 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-import server
+from bebop_spec import server
 from bebop_spec.backends import ServingBackend
-from server.config import ServerConfig
-from server.errors import ApiError, bad_request
-from server.protocol import vllm as v
-from server.serving.common import AdmissionGate
-from server.serving.openai import OpenAIServing
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.errors import ApiError, bad_request
+from bebop_spec.server.protocol import vllm as v
+from bebop_spec.server.serving.common import AdmissionGate
+from bebop_spec.server.serving.openai import OpenAIServing
 
 DRAIN_POLL_S = 0.01
 

@@ -13,16 +13,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from bebop_spec.backends import ServingBackend
-from server.auth import AdminGateMiddleware, admin_paths
-from server.config import ServerConfig
-from server.errors import install_error_handlers
-from server.middleware import BodyLimitMiddleware, FaultMiddleware
-from server.routes.openai import openai_router
-from server.routes.ops import ops_router
-from server.routes.sglang import sglang_router
-from server.routes.vllm import vllm_router
-from server.routes.weights import weights_router
-from server.state import ServerState
+from bebop_spec.server.auth import AdminGateMiddleware, admin_paths
+from bebop_spec.server.config import ServerConfig
+from bebop_spec.server.errors import install_error_handlers
+from bebop_spec.server.middleware import BodyLimitMiddleware, FaultMiddleware
+from bebop_spec.server.routes.openai import openai_router
+from bebop_spec.server.routes.ops import ops_router
+from bebop_spec.server.routes.sglang import sglang_router
+from bebop_spec.server.routes.vllm import vllm_router
+from bebop_spec.server.routes.weights import weights_router
+from bebop_spec.server.state import ServerState
 
 logger = logging.getLogger("bebop.server")
 TENSOR_ROUTE = "/update_weights_from_tensor"

@@ -8,11 +8,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
-from server.serving.common import json_logprob, version_spans
-from server.serving.prompt_format import sglang_input_logprobs
+from bebop_spec.server.serving.common import json_logprob, version_spans
+from bebop_spec.server.serving.prompt_format import sglang_input_logprobs
 
 if TYPE_CHECKING:
-    from server.serving.generate import GenerateServing, _Item
+    from bebop_spec.server.serving.generate import GenerateServing, _Item
 
 
 class GenerateFormatter:

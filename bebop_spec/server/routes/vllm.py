@@ -10,10 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.auth import admin_dependency
-from server.errors import ApiError
-from server.protocol import vllm as v
-from server.state import ServerState
+from bebop_spec.server.auth import admin_dependency
+from bebop_spec.server.errors import ApiError
+from bebop_spec.server.protocol import vllm as v
+from bebop_spec.server.state import ServerState
 
 
 def vllm_router(state: ServerState) -> APIRouter:
@@ -27,7 +27,7 @@ def vllm_router(state: ServerState) -> APIRouter:
         wait_for_inflight_requests: Annotated[bool, Query()] = False,
         clear_cache: Annotated[bool, Query()] = True,
     ) -> JSONResponse:
-        """abort | wait | keep (see server/serving/control.py); the deprecated
+        """abort | wait | keep (see bebop_spec/server/serving/control.py); the deprecated
         wait_for_inflight_requests=true means mode=wait, as in vLLM."""
         await c.pause("wait" if wait_for_inflight_requests else mode, clear_cache)
         return JSONResponse({"status": "paused"})

@@ -60,8 +60,8 @@ def serve_model(model: str, mtp: str | None = None, *, engine: dict | None = Non
     Yields (server thread, ServerState)."""
     from bebop_spec.backends.embedded import EmbeddedBackend
     from bebop_spec.engine.config import EngineConfig
-    from server.app import build_app
-    from server.config import ServerConfig
+    from bebop_spec.server.app import build_app
+    from bebop_spec.server.config import ServerConfig
 
     ecfg = EngineConfig(model=str(model), mtp=None if mtp is None else str(mtp), **(engine or {}))
     scfg = ServerConfig(**{"served_model_name": "tiny", **(server or {})})

@@ -1,4 +1,4 @@
-"""Server configuration: one validated dataclass, built by `bebop serve` (see server/cli.py)."""
+"""Server configuration: one validated dataclass, built by `bebop serve` (see bebop_spec/server/cli.py)."""
 
 from __future__ import annotations
 

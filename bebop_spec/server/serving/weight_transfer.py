@@ -24,11 +24,11 @@ import torch
 
 from bebop_spec.engine.weights import check_update
 from bebop_spec.errors import BackendUnsupported
-from server.errors import ApiError
-from server.protocol import sglang as sgl
-from server.protocol import vllm as v
-from server.serving.control import ControlServing
-from server.serving.weights import WeightServing
+from bebop_spec.server.errors import ApiError
+from bebop_spec.server.protocol import sglang as sgl
+from bebop_spec.server.protocol import vllm as v
+from bebop_spec.server.serving.control import ControlServing
+from bebop_spec.server.serving.weights import WeightServing
 
 
 def _failure(message: str, status: int = 400) -> ApiError:
