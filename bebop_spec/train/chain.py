@@ -80,10 +80,15 @@ def teacher_forced_chain(
     generator: torch.Generator | None = None,
     *,
     context: str = "serve",
+    chains: tuple[Tensor, Tensor] | None = None,
+    hidden: Tensor | None = None,
 ) -> ChainOutput:
     """input_ids[B,T], loss_mask[B,T] -> the γ-chains of every complete start (N of them), or of
     max_chains of them drawn at random (the [N, γ, V] logits dominate memory). `context`:
-    "serve" | "causal", what the head's attention sees (module docstring)."""
+    "serve" | "causal", what the head's attention sees (module docstring). `chains`: given
+    (rows[N], starts[N]) instead of select_starts' (a rank's share of a global draw);
+    `hidden`: the target's hidden[B,T,H], when already at hand (a cache), instead of its
+    forward."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     if context not in CONTEXTS:
@@ -95,11 +100,14 @@ def teacher_forced_chain(
         )
     batch, seq = input_ids.shape
     positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-    rows, starts = select_starts(loss_mask, gamma, max_chains, generator)  # [N] each
+    if chains is None:
+        chains = select_starts(loss_mask, gamma, max_chains, generator)
+    rows, starts = chains  # [N] each
     ks = range(1, gamma + 1)
     labels = torch.stack([input_ids[rows, starts + k + 1] for k in ks], dim=1)
     with torch.no_grad():
-        hidden = target(input_ids, positions)  # [B,T,H]
+        if hidden is None:
+            hidden = target(input_ids, positions)  # [B,T,H]
         target_logits = torch.stack(
             [target.compute_logits(hidden[rows, starts + k]) for k in ks], dim=1
         )

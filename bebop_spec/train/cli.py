@@ -119,7 +119,7 @@ def cmd_data(argv: list[str]) -> int:
 
 def _train_parser() -> argparse.ArgumentParser:
     from bebop_spec.train.losses import LOSSES
-    from bebop_spec.train.trainer import LAYOUTS
+    from bebop_spec.train.trainer import COMPUTE_DTYPES, LAYOUTS
 
     p = argparse.ArgumentParser(prog="bebop mtp train",
                                 description="Train an MTP head on self-distillation data.")  # fmt: skip
@@ -153,6 +153,14 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoint (a fresh start when there is none)")  # fmt: skip
     g.add_argument("--overwrite", action="store_true",
                    help="discard OUT's checkpoint and log and start again")  # fmt: skip
+    s = p.add_argument_group("throughput and scale-out (torchrun: docs/distributed_training.md)")
+    s.add_argument("--compute-dtype", default="float32", choices=list(COMPUTE_DTYPES),
+                   help="forward matmuls; bfloat16 = autocast over float32 master weights")  # fmt: skip
+    s.add_argument("--shard-target", action="store_true",
+                   help="under torchrun, shard the frozen target's layers over the ranks (FSDP2)")  # fmt: skip
+    s.add_argument("--cache-hiddens", default=None, metavar="DIR",
+                   help="run the target once over the data, cache its hidden states in DIR "
+                   "(safetensors; size printed) and train from them")  # fmt: skip
     _common(p)
     return p
 
@@ -169,13 +177,15 @@ def cmd_train(argv: list[str]) -> int:
                       num_layers=args.num_layers, max_chains=args.max_chains,
                       weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio,
                       device=args.device, dtype=args.dtype,
-                      chain_context=args.chain_context)  # fmt: skip
+                      chain_context=args.chain_context, compute_dtype=args.compute_dtype,
+                      shard_target=args.shard_target,
+                      cache_hiddens=args.cache_hiddens)  # fmt: skip
     ckpt = cfg.out_dir / "checkpoint"
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     if ckpt.exists() and args.overwrite and main:
         shutil.rmtree(ckpt)
         (cfg.out_dir / LOG_FILE).unlink(missing_ok=True)
-    elif ckpt.exists() and not args.resume:
+    elif ckpt.exists() and not args.resume and main:  # others: rank 0 may be clearing it
         raise ValueError(f"{cfg.out_dir} already holds a checkpoint: pass --resume to continue "
                          "it or --overwrite to start again")  # fmt: skip
     _setup(args)

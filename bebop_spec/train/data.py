@@ -73,6 +73,7 @@ class Batch:
     input_ids: Tensor  # int64 [B, T], right-padded with 0
     loss_mask: Tensor  # bool [B, T], False on prompt and padding
     lengths: Tensor  # int64 [B], real tokens per row (after truncation to seq_len)
+    index: Tensor | None = None  # int64 [B], the dataset sequence of each row (iterate_batches)
 
 
 def write_dataset(
@@ -249,7 +250,9 @@ def iterate_batches(
         rows = [usable[int(i)] for i in order[k * batch_size : (k + 1) * batch_size]]
         if len(rows) < batch_size:  # fewer sequences than batch_size: wrap around
             rows = (rows * batch_size)[:batch_size]
-        yield collate([ds.sequence(i) for i in rows], seq_len)
+        batch = collate([ds.sequence(i) for i in rows], seq_len)
+        batch.index = torch.tensor(rows, dtype=torch.int64)
+        yield batch
         step += 1
 
 
