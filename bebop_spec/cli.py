@@ -31,7 +31,12 @@ GENERATE_OPTIONS = ["mtp", "draft_mode", "num_speculative_tokens", "spec_policy"
 
 def _cmd_generate(argv: list[str]) -> int:
     from bebop_spec.config_args import add_config_args, config_kwargs
-    from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig
+    from bebop_spec.engine.config import (
+        DRAFT_MODE_OFF,
+        DRAFT_MODES,
+        SPEC_POLICIES,
+        EngineConfig,
+    )
     from bebop_spec.hardware import DTYPES
 
     parser = argparse.ArgumentParser(
@@ -44,7 +49,7 @@ def _cmd_generate(argv: list[str]) -> int:
     )
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     add_config_args(parser, EngineConfig, GENERATE_OPTIONS, choices={
-        "draft_mode": ["rs", "to", "none"], "spec_policy": list(SPEC_POLICIES),
+        "draft_mode": [*DRAFT_MODES, DRAFT_MODE_OFF], "spec_policy": list(SPEC_POLICIES),
         "dtype": list(DTYPES)})  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)

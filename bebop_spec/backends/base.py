@@ -59,7 +59,7 @@ class ServingBackend(abc.ABC):
 
     @abc.abstractmethod
     async def pause(self, mode: str) -> None:
-        """Modes abort / retract / in_place (engine/async_engine.PAUSE_MODES)."""
+        """Modes abort / retract / in_place (engine/config.PauseMode)."""
 
     @abc.abstractmethod
     async def resume(self) -> None: ...

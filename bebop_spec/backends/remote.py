@@ -17,12 +17,11 @@ from typing import Any
 import torch
 
 from bebop_spec.backends.base import ServingBackend
-from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.config import WEIGHT_SELECTORS, EngineConfig, WeightSelector
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.models.checkpoint import Checkpoint, is_mtp_name
 from bebop_spec.sampling_params import SamplingParams
 
-SELECTORS = ("target", "draft", "all")
 # copies of the target's embedding / LM head that exported head directories carry
 SHARED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -35,14 +34,15 @@ def weight_spec_of(
     model_dir: str | Path, mtp_dir: str | Path | None, num_hidden_layers: int, selector: str
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Tensors a trainer sends for `selector`, in checkpoint (Hugging Face) names."""
-    if selector not in SELECTORS:
-        raise ValueError(f"selector={selector!r}: expected one of {SELECTORS}")
+    if selector not in WEIGHT_SELECTORS:
+        raise ValueError(f"selector={selector!r}: expected one of {WEIGHT_SELECTORS}")
     target = checkpoint_spec(model_dir)
     draft = {k: v for k, v in target.items() if is_mtp_name(k, num_hidden_layers)}
     target = {k: v for k, v in target.items() if k not in draft}
     if mtp_dir is not None:
         draft = {k: v for k, v in checkpoint_spec(mtp_dir).items() if k not in SHARED_NAMES}
-    return {"target": target, "draft": draft, "all": {**target, **draft}}[selector]
+    parts = {WeightSelector.TARGET: target, WeightSelector.DRAFT: draft}
+    return {**parts, WeightSelector.ALL: {**target, **draft}}[selector]
 
 
 def read_model_config(model_dir: str | Path) -> Any:
@@ -135,9 +135,9 @@ class RemoteBackend(ServingBackend):
         return label
 
     def _check_selector(self, selector: str) -> None:
-        if selector not in SELECTORS:
-            raise ValueError(f"selector={selector!r}: expected one of {SELECTORS}")
-        if selector != "target" and not self.config.speculative:
+        if selector not in WEIGHT_SELECTORS:
+            raise ValueError(f"selector={selector!r}: expected one of {WEIGHT_SELECTORS}")
+        if selector != WeightSelector.TARGET and not self.config.speculative:
             raise ValueError(f"selector={selector!r} needs speculative decoding (an MTP head)")
 
     def _bump_version(self, label: str | None) -> str:
@@ -169,7 +169,7 @@ class RemoteBackend(ServingBackend):
         if not self._observers:
             return
         stats = StepStats(
-            draft_mode=self.config.draft_mode or "none",
+            draft_mode=self.config.draft_mode_name,
             num_generated_tokens=new_tokens,
             num_drafts=spec.num_drafts if spec else 0,
             num_draft_tokens=spec.num_draft_tokens if spec else 0,

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 
 from bebop_spec.backends.remote import RemoteBackend, new_tokens
-from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.config import PAUSE_MODES, EngineConfig, WeightSelector
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.sampling_params import SamplingParams
-
-PAUSE_MODES = ("abort", "retract", "in_place")
+from bebop_spec.spec.verify import DraftMode
 
 
 def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -50,7 +49,7 @@ def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) ->
             speculative_num_steps=config.num_speculative_tokens,
             speculative_eagle_topk=1,
             speculative_num_draft_tokens=config.num_speculative_tokens + 1,
-            speculative_use_rejection_sampling=config.draft_mode == "rs",
+            speculative_use_rejection_sampling=config.draft_mode == DraftMode.REJECTION_SAMPLING,
         )
         if config.mtp:
             args["speculative_draft_model_path"] = config.mtp
@@ -245,7 +244,7 @@ class SGLangBackend(RemoteBackend):
     async def update_weights(
         self,
         tensors: Mapping[str, torch.Tensor],
-        selector: str = "target",
+        selector: str = WeightSelector.TARGET,
         weight_version: str | None = None,
     ) -> str:
         """SGLang's update_weights_from_tensor with its own selector and weight_version."""

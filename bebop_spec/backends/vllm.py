@@ -29,12 +29,19 @@ from typing import Any
 import torch
 
 from bebop_spec.backends.remote import RemoteBackend, new_tokens
-from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.config import EngineConfig, PauseMode, WeightSelector
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
 from bebop_spec.patching.vllm_plugin import check_speculative_config
 from bebop_spec.sampling_params import SamplingParams
+from bebop_spec.spec.verify import DraftMode
 
-PAUSE_MODES = {"abort": "abort", "retract": "keep", "in_place": "keep"}
+# our pause modes -> vLLM's pause_generation modes
+PAUSE_MODES = {PauseMode.ABORT: "abort", PauseMode.RETRACT: "keep", PauseMode.IN_PLACE: "keep"}
+# our draft modes -> vLLM's draft_sample_method
+DRAFT_SAMPLE_METHODS = {
+    DraftMode.REJECTION_SAMPLING: "probabilistic",
+    DraftMode.TARGET_ONLY: "greedy",
+}
 
 
 def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -54,7 +61,7 @@ def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) ->
         spec = {
             "method": "mtp",
             "num_speculative_tokens": config.num_speculative_tokens,
-            "draft_sample_method": "probabilistic" if config.draft_mode == "rs" else "greedy",
+            "draft_sample_method": DRAFT_SAMPLE_METHODS[config.draft_mode],
         }
         if config.mtp:
             spec["model"] = config.mtp
@@ -253,28 +260,28 @@ class VLLMBackend(RemoteBackend):
     async def update_weights(
         self,
         tensors: Mapping[str, torch.Tensor],
-        selector: str = "target",
+        selector: str = WeightSelector.TARGET,
         weight_version: str | None = None,
     ) -> str:
         """Send the tensors through vLLM's weight transfer; the version moves only on success."""
         self._check_selector(selector)
-        draft_names = set(self.weight_spec("draft")) if selector != "target" else set()
+        target, draft = WeightSelector.TARGET, WeightSelector.DRAFT
+        draft_names = set(self.weight_spec(draft)) if selector != target else set()
         groups = {
-            "target": {k: v for k, v in tensors.items() if k not in draft_names},
-            "draft": {k: v for k, v in tensors.items() if k in draft_names},
+            target: {k: v for k, v in tensors.items() if k not in draft_names},
+            draft: {k: v for k, v in tensors.items() if k in draft_names},
         }
-        if selector != "all" and groups["target" if selector == "draft" else "draft"]:
-            raise ValueError(
-                f"tensors outside selector={selector!r}: {sorted(groups['target' if selector == 'draft' else 'draft'])[:3]}"
-            )
+        outside = groups[target if selector == draft else draft]
+        if selector != WeightSelector.ALL and outside:
+            raise ValueError(f"tensors outside selector={selector!r}: {sorted(outside)[:3]}")
         label = weight_version or str(self.version + 1)
         was_paused = self.paused
         if not was_paused:
             await self._engine.pause_generation(mode="keep", clear_cache=False)
         try:
-            for which in ("target", "draft"):
-                if groups[which]:
-                    await self._send(groups[which], draft=which == "draft", label=label)
+            for which, part in groups.items():
+                if part:
+                    await self._send(part, draft=which == draft, label=label)
             await self._engine.reset_prefix_cache()  # cached K/V came from the old weights
         finally:
             if not was_paused:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.config import PAUSE_MODES, EngineConfig
 from bebop_spec.engine.llm_engine import LLMEngine
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.errors import BebopError
@@ -25,7 +25,6 @@ from bebop_spec.models import LoadedModel
 from bebop_spec.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-PAUSE_MODES = ("abort", "retract", "in_place")
 
 
 class EngineStepError(BebopError):

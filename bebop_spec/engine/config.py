@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from bebop_spec.hardware import DTYPES
+from bebop_spec.spec.verify import DRAFT_MODES, DraftMode
 
-DRAFT_MODES = ("rs", "to")
+
+class PauseMode(StrEnum):
+    """What a paused engine does with its running requests (every backend, SGLang's
+    /pause_generation). The server's vLLM modes map onto these (server/serving/control.py)."""
+
+    ABORT = "abort"  # end them with finish_reason "abort"
+    RETRACT = "retract"  # re-queue them; they are recomputed after resume
+    IN_PLACE = "in_place"  # freeze them where they are; they continue after resume
+
+
+PAUSE_MODES = tuple(m.value for m in PauseMode)  # ("abort", "retract", "in_place")
+
+
+class WeightSelector(StrEnum):
+    """Which weights a weight update (or checksum, or spec) addresses."""
+
+    TARGET = "target"  # the served model
+    DRAFT = "draft"  # the MTP head
+    ALL = "all"  # both
+
+
+WEIGHT_SELECTORS = tuple(m.value for m in WeightSelector)  # ("target", "draft", "all")
+
+
+DRAFT_MODE_OFF = "none"  # the command line's (and metrics') spelling of draft_mode=None
 # "auto": each decode step chooses γ_t in 0..num_speculative_tokens for the best expected
 # tokens/s (engine/gamma.py); "fixed": every decode step drafts num_speculative_tokens.
 SPEC_POLICIES = ("auto", "fixed")
@@ -36,10 +62,14 @@ class EngineConfig:
     threads: int | None = None  # torch CPU threads, process-wide (default: torch's choice)
 
     def __post_init__(self) -> None:
-        if self.draft_mode in ("none", ""):
+        if self.draft_mode in (DRAFT_MODE_OFF, ""):
             self.draft_mode = None
         if self.draft_mode is not None and self.draft_mode not in DRAFT_MODES:
-            raise ValueError(f"draft_mode={self.draft_mode!r} must be one of rs, to, none")
+            raise ValueError(
+                f"draft_mode={self.draft_mode!r} must be one of {', '.join(DRAFT_MODES)}, {DRAFT_MODE_OFF}"
+            )
+        if self.draft_mode is not None:
+            self.draft_mode = DraftMode(self.draft_mode)
         if self.spec_policy not in SPEC_POLICIES:
             raise ValueError(f"spec_policy={self.spec_policy!r} must be auto or fixed")
         if self.num_speculative_tokens < 1:
@@ -62,6 +92,11 @@ class EngineConfig:
             raise ValueError(f"draft_vocab_size={self.draft_vocab_size} must be >= 0 (or None)")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be > 0")
+
+    @property
+    def draft_mode_name(self) -> str:
+        """The draft mode as the server reports it (info, metrics labels, logs): "none" when off."""
+        return self.draft_mode or DRAFT_MODE_OFF
 
     @property
     def speculative(self) -> bool:

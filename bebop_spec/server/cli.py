@@ -29,7 +29,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """Engine and server options from EngineConfig / ServerConfig (bebop_spec.config_args),
     plus the few that are the command line's own (model resolution, sizes in MB, logging)."""
     from bebop_spec.config_args import add_config_args
-    from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig
+    from bebop_spec.engine.config import (
+        DRAFT_MODE_OFF,
+        DRAFT_MODES,
+        SPEC_POLICIES,
+        EngineConfig,
+    )
     from bebop_spec.hardware import DTYPES
     from bebop_spec.server.config import ServerConfig
 
@@ -41,7 +46,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "(default: SmolLM2-135M-Instruct with its Bebop head, converted once into the cache)",
     )
     add_config_args(parser, EngineConfig, ENGINE_OPTIONS, choices={
-        "draft_mode": ["rs", "to", "none"], "spec_policy": list(SPEC_POLICIES),
+        "draft_mode": [*DRAFT_MODES, DRAFT_MODE_OFF], "spec_policy": list(SPEC_POLICIES),
         "dtype": list(DTYPES)}, help={
         "spec_policy": "auto: choose 0..--num-speculative-tokens drafts per step for the best "
         "measured tokens/s (never slower than plain decoding by design); fixed: always draft "
@@ -76,7 +81,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def build_configs(args: argparse.Namespace):
     """(EngineConfig, ServerConfig) from parsed arguments; ValueError on bad combinations."""
     from bebop_spec.config_args import config_kwargs
-    from bebop_spec.engine.config import EngineConfig
+    from bebop_spec.engine.config import DRAFT_MODE_OFF, EngineConfig
     from bebop_spec.models.defaults import DEMO, resolve_model
     from bebop_spec.server.config import ServerConfig
 
@@ -84,7 +89,7 @@ def build_configs(args: argparse.Namespace):
     model, mtp = resolve_model(args.model, args.mtp)
     draft_mode = args.draft_mode
     if mtp is None and args.model is None:  # an install without the shipped head
-        draft_mode = "none"
+        draft_mode = DRAFT_MODE_OFF
     engine = EngineConfig(
         model=str(model),
         **(config_kwargs(args, ENGINE_OPTIONS) | {"mtp": mtp, "draft_mode": draft_mode}),
@@ -115,7 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     log.info("loading %s (backend %s, draft mode %s)", engine_config.model, args.backend,
-             engine_config.draft_mode or "none")  # fmt: skip
+             engine_config.draft_mode_name)  # fmt: skip
     try:
         engine = create_backend(args.backend, engine_config)
     except ImportError as exc:

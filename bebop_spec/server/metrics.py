@@ -144,7 +144,7 @@ class ServerMetrics:
         self.running.labels(model_name).set_function(lambda: engine.num_running)
         self.waiting.labels(model_name).set_function(lambda: engine.num_waiting)
         self.weight_version.labels(model_name).set_function(lambda: engine.version)
-        self.draft_mode.labels(model_name, engine.config.draft_mode or "none").set(1)
+        self.draft_mode.labels(model_name, engine.config.draft_mode_name).set(1)
         self.refresh_version()
         engine.add_observer(self.observe_step)
 

@@ -15,6 +15,7 @@ from bebop_spec.spec.sampling import (
 from bebop_spec.spec.stats import SpecStats, entropy
 from bebop_spec.spec.verify import (
     DRAFT_MODES,
+    DraftMode,
     acceptance_rs,
     acceptance_to,
     draft_tokens,
@@ -25,6 +26,7 @@ from bebop_spec.spec.verify import (
 
 __all__ = [
     "DRAFT_MODES",
+    "DraftMode",
     "PenaltyTensors",
     "SamplingTensors",
     "SpecStats",

@@ -7,11 +7,27 @@ statistically in ``tests/spec/test_spec_verify.py``). Also the analytic acceptan
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import torch
 
 from bebop_spec.spec.sampling import sample_from_probs
 
-DRAFT_MODES = ("rs", "to")
+
+class DraftMode(StrEnum):
+    """How drafts are made and verified: the one list of draft modes (config, CLI, backends).
+
+    A StrEnum, so ``DraftMode.REJECTION_SAMPLING == "rs"`` and the values read and write as
+    the plain strings in JSON, metrics labels and on the command line."""
+
+    REJECTION_SAMPLING = "rs"
+    """Drafts sampled x ~ q, accepted with min(1, p/q), residual max(p - q, 0): exact."""
+    TARGET_ONLY = "to"
+    """Target-only verification: the draft is argmax q and q is taken as one-hot at it, so
+    x is accepted with p(x) (vLLM's "greedy" draft_sample_method)."""
+
+
+DRAFT_MODES = tuple(m.value for m in DraftMode)  # ("rs", "to"), for messages and choices
 
 
 def _check_mode(mode: str) -> None:
@@ -22,7 +38,7 @@ def _check_mode(mode: str) -> None:
 def draft_tokens(q: torch.Tensor, u: torch.Tensor, mode: str) -> torch.Tensor:
     """q[...,V], u[...] -> ids[...]: "rs" samples x ~ q (inverse CDF), "to" takes argmax q."""
     _check_mode(mode)
-    if mode == "rs":
+    if mode == DraftMode.REJECTION_SAMPLING:
         return sample_from_probs(q, u)
     return q.argmax(dim=-1)
 
@@ -56,7 +72,7 @@ def verify_chain(
         raise ValueError(f"p must be [B, γ+1, V] = [{batch}, {gamma + 1}, V], got {tuple(p.shape)}")
     x = draft_ids.unsqueeze(-1)
     p_x = p[:, :gamma].gather(-1, x).squeeze(-1).double()  # [B,γ]
-    if mode == "rs":
+    if mode == DraftMode.REJECTION_SAMPLING:
         if q is None:
             raise ValueError('mode "rs" needs the draft distribution q')
         # q(x) <= 1 for any distribution; the clamp keeps greedy rows exact even if the
@@ -95,7 +111,7 @@ def _draft_dist_at(
         return torch.zeros_like(like)
     drafting = (n < gamma).unsqueeze(-1).to(like.dtype)  # [B,1]
     at = n.clamp(max=gamma - 1)
-    if mode == "to":
+    if mode == DraftMode.TARGET_ONLY:
         x_n = draft_ids.gather(1, at.unsqueeze(-1))
         return torch.zeros_like(like).scatter_(-1, x_n, 1.0) * drafting
     rows = torch.arange(q.shape[0], device=q.device)

@@ -23,6 +23,7 @@ from bebop_client.base import ClientBase, Params, json_of
 from bebop_client.metrics import Metrics, parse_metrics
 from bebop_client.sample import Sample, parse_sample
 from bebop_client.transport import MAYBE_RUNNING, Attempts
+from bebop_client.vocab import PauseMode
 
 
 class RolloutClient(ClientBase):
@@ -148,7 +149,7 @@ class RolloutClient(ClientBase):
         return sum(int((r or {}).get("num_aborted", 0))
                    for r in self.each("/abort_request", {"abort_all": True}).values())  # fmt: skip
 
-    def pause(self, mode: str = "in_place") -> None:
+    def pause(self, mode: str = PauseMode.IN_PLACE) -> None:
         """Pause every server: "in_place" keeps requests and resumes them later, "abort"
         ends them (finish_reason abort), "retract" re-queues them."""
         self.each("/pause_generation", {"mode": mode})

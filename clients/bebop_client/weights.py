@@ -44,9 +44,10 @@ from bebop_client.tensors import (
     shape_of,
     to_safetensors_bytes,
 )
+from bebop_client.vocab import PAUSE_MODES as SERVER_PAUSE_MODES
+from bebop_client.vocab import SELECTORS, PauseMode, WeightSelector
 
-SELECTORS = ("target", "draft", "all")
-PAUSE_MODES = (None, "in_place", "abort", "retract")
+PAUSE_MODES = (None, *SERVER_PAUSE_MODES)  # None: push without pausing
 GB = 1024**3
 GRACE_S = 5.0  # how long broadcasts may lag a server's refusal before the group is declared broken
 
@@ -83,8 +84,8 @@ class _Group:
 
 class WeightSync:
     def __init__(self, client: RolloutClient | AsyncRolloutClient | str | Sequence[str], *,
-                 api_key: str | None = None, selector: str = "all",
-                 pause_mode: str | None = "in_place", flush_cache: bool = True,
+                 api_key: str | None = None, selector: str = WeightSelector.ALL,
+                 pause_mode: str | None = PauseMode.IN_PLACE, flush_cache: bool = True,
                  timeout: float = 1800.0) -> None:  # fmt: skip
         if selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}")

@@ -12,7 +12,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-DRAFT_MODES = ("rs", "to", "none")
+from bebop_spec.engine.config import DRAFT_MODE_OFF
+from bebop_spec.engine.config import DRAFT_MODES as SPEC_DRAFT_MODES
+
+DRAFT_MODES = (*SPEC_DRAFT_MODES, DRAFT_MODE_OFF)  # what --draft-mode takes: the engine's, or off
 ONLINE_HEAD_LOSSES = ("ce", "tv", "e2e_tv")
 PUSH_METHODS = ("distributed", "tensor")
 

@@ -8,11 +8,11 @@ them too); unknown top-level keys of /generate are ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Selector = Literal["target", "draft", "all"]
+from bebop_spec.engine.config import PauseMode, WeightSelector
 
 
 class SGLangSamplingParams(BaseModel):
@@ -85,7 +85,7 @@ class UpdateWeightsFromDiskRequest(_Admin):
     recapture_cuda_graph: bool = False
     token_step: int = 0
     flush_cache: bool = True
-    selector: Selector = "all"  # ext: SGLang loads every runner from disk
+    selector: WeightSelector = WeightSelector.ALL  # ext: SGLang loads every runner from disk
 
 
 class InitWeightsUpdateGroupRequest(_Admin):
@@ -114,7 +114,7 @@ class UpdateWeightsFromDistributedRequest(_Admin):
     abort_all_requests: bool = False
     weight_version: str | None = None
     load_format: str | None = None  # None | "flattened_bucket"
-    selector: Selector = "all"
+    selector: WeightSelector = WeightSelector.ALL
     torch_empty_cache: bool = False
 
     @model_validator(mode="before")
@@ -139,12 +139,12 @@ class UpdateWeightsFromTensorRequest(_Admin):
     flush_cache: bool = True
     abort_all_requests: bool = False
     weight_version: str | None = None
-    selector: Selector = "all"
+    selector: WeightSelector = WeightSelector.ALL
     torch_empty_cache: bool = False
 
 
 class BeginWeightUpdateRequest(_Admin):
-    selector: Selector = "all"
+    selector: WeightSelector = WeightSelector.ALL
 
 
 class EndWeightUpdateRequest(_Admin):
@@ -152,7 +152,7 @@ class EndWeightUpdateRequest(_Admin):
 
 
 class PauseGenerationRequest(_Admin):
-    mode: Literal["abort", "retract", "in_place"] = "abort"
+    mode: PauseMode = PauseMode.ABORT
 
 
 class ContinueGenerationRequest(_Admin):

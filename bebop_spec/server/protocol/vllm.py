@@ -4,13 +4,20 @@ SGLang's memory-occupation bodies live here too (same small shape: optional `tag
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bebop_spec.server.protocol.openai import ChatMessage
 
-PauseMode = Literal["abort", "wait", "keep"]
+
+class PauseMode(StrEnum):
+    """vLLM's /pause modes (mapped onto the engine's PauseMode in server/serving/control.py)."""
+
+    ABORT = "abort"  # in-flight requests end with finish_reason abort
+    WAIT = "wait"  # new requests wait, in-flight ones finish, then the engine pauses
+    KEEP = "keep"  # everything freezes where it is and continues on /resume
 
 
 class _Request(BaseModel):

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from bebop_spec.engine.config import WeightSelector
 from bebop_spec.server.auth import admin_dependency
 from bebop_spec.server.errors import ApiError
 from bebop_spec.server.protocol import vllm as v
@@ -23,13 +24,13 @@ def vllm_router(state: ServerState) -> APIRouter:
 
     @r.post("/pause", dependencies=admin)
     async def pause(
-        mode: Annotated[v.PauseMode, Query()] = "abort",
+        mode: Annotated[v.PauseMode, Query()] = v.PauseMode.ABORT,
         wait_for_inflight_requests: Annotated[bool, Query()] = False,
         clear_cache: Annotated[bool, Query()] = True,
     ) -> JSONResponse:
         """abort | wait | keep (see bebop_spec/server/serving/control.py); the deprecated
         wait_for_inflight_requests=true means mode=wait, as in vLLM."""
-        await c.pause("wait" if wait_for_inflight_requests else mode, clear_cache)
+        await c.pause(v.PauseMode.WAIT if wait_for_inflight_requests else mode, clear_cache)
         return JSONResponse({"status": "paused"})
 
     @r.post("/resume", dependencies=admin)
@@ -60,13 +61,13 @@ def vllm_router(state: ServerState) -> APIRouter:
 
     @r.post("/start_weight_update", dependencies=admin)
     async def start_weight_update() -> JSONResponse:
-        t.start("target")
+        t.start(WeightSelector.TARGET)
         return JSONResponse({"message": "Weight update started"})
 
     @r.post("/start_draft_weight_update", dependencies=admin)
     async def start_draft_weight_update() -> JSONResponse:
         """vLLM's draft-model phase: here the MTP head (selector draft)."""
-        t.start("draft")
+        t.start(WeightSelector.DRAFT)
         return JSONResponse({"message": "Draft weight update started"})
 
     @r.post("/update_weights", dependencies=admin)

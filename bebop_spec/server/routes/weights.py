@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from bebop_spec.engine.config import WeightSelector
 from bebop_spec.server.auth import admin_dependency
 from bebop_spec.server.errors import ApiError
 from bebop_spec.server.protocol import sglang as sgl
@@ -62,7 +62,7 @@ def weights_router(state: ServerState) -> APIRouter:
     @r.post("/update_weights_from_tensor")
     async def from_tensor(
         raw: Request,
-        selector: Literal["target", "draft", "all"] = "all",
+        selector: WeightSelector = WeightSelector.ALL,
         weight_version: str | None = None,
         flush_cache: bool = True,
         abort_all_requests: bool = False,

@@ -18,6 +18,7 @@ from typing import Any
 
 from bebop_spec import server
 from bebop_spec.backends import ServingBackend
+from bebop_spec.engine.config import PauseMode
 from bebop_spec.server.config import ServerConfig
 from bebop_spec.server.errors import ApiError, bad_request
 from bebop_spec.server.protocol import vllm as v
@@ -38,17 +39,17 @@ class ControlServing:
         return self.engine.paused or self.gate.closed
 
     async def pause(self, mode: v.PauseMode, clear_cache: bool = True) -> None:
-        if mode == "keep":
-            await self.engine.pause("in_place")
+        if mode == v.PauseMode.KEEP:
+            await self.engine.pause(PauseMode.IN_PLACE)
             return
-        if mode == "wait":
+        if mode == v.PauseMode.WAIT:
             self.gate.close()
             # an already paused engine would never drain: then only the gate closes
             while not self.engine.paused and self.engine.num_running + self.engine.num_waiting:
                 await asyncio.sleep(DRAIN_POLL_S)
-            await self.engine.pause("in_place")
+            await self.engine.pause(PauseMode.IN_PLACE)
         else:
-            await self.engine.pause("abort")
+            await self.engine.pause(PauseMode.ABORT)
         if clear_cache:
             await self.engine.flush_cache()
 
@@ -56,7 +57,7 @@ class ControlServing:
         await self.engine.resume()
         self.gate.open()
 
-    async def pause_engine(self, mode: str) -> None:
+    async def pause_engine(self, mode: PauseMode) -> None:
         """SGLang's /pause_generation: the engine's own modes (abort / retract / in_place)."""
         await self.engine.pause(mode)
 
@@ -72,7 +73,7 @@ class ControlServing:
         serves from them, and a trainer updates them in place. Returns KV bytes freed."""
         if not tags or "kv_cache" in tags:
             return await self.engine.release_kv()
-        await self.engine.pause("retract")
+        await self.engine.pause(PauseMode.RETRACT)
         return 0
 
     async def resume_memory(self, tags: list[str] | None) -> None:

@@ -68,7 +68,7 @@ class InfoServing:
             "architectures": _architectures(mc),
             # ext
             "mtp_path": e.config.mtp,
-            "draft_mode": e.config.draft_mode or "none",
+            "draft_mode": e.config.draft_mode_name,
             "num_speculative_tokens": self.gamma,
             "max_model_len": e.max_model_len,
             "vocab_size": getattr(mc, "vocab_size", None),
@@ -85,7 +85,7 @@ class InfoServing:
             **engine_args,
             **server_args,
             "num_speculative_tokens": self.gamma,  # None without speculation, not the unused γ
-            "draft_mode": e.config.draft_mode or "none",
+            "draft_mode": e.config.draft_mode_name,
             "admin_protected": self.config.admin_protected,
             "internal_states": [
                 {

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from bebop_spec.engine.config import WeightSelector
 from bebop_spec.engine.weights import check_update
 from bebop_spec.errors import BackendUnsupported
 from bebop_spec.server.errors import ApiError
@@ -48,7 +49,7 @@ class WeightTransferServing:
         )  # fmt: skip
         await self.weights.init_group(req)
 
-    def start(self, selector: str) -> None:
+    def start(self, selector: WeightSelector) -> None:
         self.weights.begin(selector)
 
     async def update(self, info: v.WeightTransferUpdateInfo) -> sgl.UpdateResult:
@@ -57,7 +58,7 @@ class WeightTransferServing:
                            "send packed=false, one broadcast per tensor")  # fmt: skip
         req = sgl.UpdateWeightsFromDistributedRequest(  # no start_weight_update: the target
             names=info.names, dtypes=info.dtype_names, shapes=info.shapes,
-            selector=self.weights.session or "target", flush_cache=True,
+            selector=self.weights.session or WeightSelector.TARGET, flush_cache=True,
         )  # fmt: skip
         return await self.weights.from_distributed(req)
 
@@ -90,15 +91,15 @@ class WeightTransferServing:
     async def checksums(self) -> dict[str, str]:
         """{name: sha256 hex} of the served target weights (the backend reads them)."""
         try:
-            return await self.engine.weight_checksums("target")
+            return await self.engine.weight_checksums(WeightSelector.TARGET)
         except BackendUnsupported as exc:
             raise ApiError(501, str(exc)) from exc
 
     async def _reset(self) -> None:
         """Zero weights of the served shapes (vLLM's reset), through the ordinary checked
         update path (the label stays; the version counter moves)."""
-        spec = self.engine.weight_spec("target")
+        spec = self.engine.weight_spec(WeightSelector.TARGET)
         zeros = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in spec.items()}
         ready = check_update(zeros, spec)
-        await self.engine.update_weights(ready, selector="target",
+        await self.engine.update_weights(ready, selector=WeightSelector.TARGET,
                                          weight_version=self.engine.weight_version)  # fmt: skip
