@@ -1,23 +1,34 @@
-"""What the vLLM and SGLang serving backends share: bookkeeping around a remote engine.
+"""What the vLLM and SGLang serving backends share: the template around a remote engine.
 
 A remote engine (vLLM's AsyncLLM, SGLang's Engine) owns scheduling and weights in its
 own processes; the server still needs the `ServingBackend` surface of the embedded
 engine (bebop_spec/backends/base.py): version counter and labels, running / waiting counts,
 spec totals, per-step observers, and the names / shapes / dtypes a trainer must send
 (`weight_spec`), which are read from the checkpoint's safetensors headers.
+
+`RemoteBackend` runs the parts both engines share (engine arguments with overrides, the
+generate loop with its tracking, observing and abort-on-close, pause / resume / flush,
+versioned weight updates) and calls the hooks below for what each engine spells its own way:
+
+    _open_stream(ids, params, rid)   start one request; an async iterator of engine outputs
+    _converter(ids, params, rid)     engine output -> our cumulative RequestOutput
+    _abort_engine(rid) / _abort_all_engine(rids)
+    _pause_engine(mode) / _resume_engine() / _flush_engine()
+    _send_weights(tensors, selector, label)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bebop_spec.backends.base import ServingBackend
-from bebop_spec.engine.config import WEIGHT_SELECTORS, EngineConfig, WeightSelector
+from bebop_spec.engine.config import PAUSE_MODES, WEIGHT_SELECTORS, EngineConfig, WeightSelector
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.models.checkpoint import Checkpoint, is_mtp_name
 from bebop_spec.sampling_params import SamplingParams
@@ -45,6 +56,12 @@ def weight_spec_of(
     return {**parts, WeightSelector.ALL: {**target, **draft}}[selector]
 
 
+def with_overrides(args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Engine keywords: `args`, then $BEBOP_ENGINE_ARGS (JSON), then `extra` on top."""
+    env = os.environ.get("BEBOP_ENGINE_ARGS")
+    return {**args, **(json.loads(env) if env else {}), **dict(extra or {})}
+
+
 def read_model_config(model_dir: str | Path) -> Any:
     """bebop's ModelConfig of the target, or the raw config.json as attributes."""
     hf = json.loads((Path(model_dir) / "config.json").read_text())
@@ -68,9 +85,14 @@ class RemoteBackend(ServingBackend):
     """Shared state of a backend whose engine runs elsewhere (see module docstring)."""
 
     backend_name = "remote"
+    # EngineConfig (+ overrides) -> the engine's constructor keywords (the module's engine_args)
+    make_engine_args: Callable[[EngineConfig, Mapping[str, Any] | None], dict[str, Any]]
 
-    def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
+    def __init__(self, config: EngineConfig, engine_args_override: Mapping[str, Any] | None = None,
+                 engine: Any = None, tokenizer: Any = None) -> None:  # fmt: skip
         self.config = config
+        self.engine_args = self.make_engine_args(config, engine_args_override)
+        self._engine = engine  # injectable (tests); otherwise built in start()
         self.model_config = read_model_config(config.model)
         self._tokenizer = tokenizer
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
@@ -122,6 +144,99 @@ class RemoteBackend(ServingBackend):
         return weight_spec_of(
             self.config.model, self.config.mtp, self.model_config.num_hidden_layers, selector
         )
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs; closing the iterator early aborts the request in the engine."""
+        self.check_params(params)
+        await self.start()
+        ids = list(prompt_token_ids)
+        convert = self._converter(ids, params, request_id)
+        self._track(request_id, started=False, finished=False)
+        stream = await self._open_stream(ids, params, request_id)
+        prev: RequestOutput | None = None
+        try:
+            async for raw in stream:
+                cur = convert(raw)
+                self._track(request_id, started=True, finished=cur.finished)
+                spec = cur.spec if cur.finished else None
+                self._observe(new_tokens(prev, cur), spec if spec and spec.num_drafts else None)
+                prev = cur
+                yield cur
+        finally:
+            self._track(request_id, started=True, finished=True)
+            if prev is None or not prev.finished:
+                await self._abort_engine(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        known = request_id in self._running or request_id in self._waiting
+        await self._abort_engine(request_id)
+        return known
+
+    async def abort_all(self) -> int:
+        ids = sorted(self._running | self._waiting)
+        await self._abort_all_engine(ids)
+        return len(ids)
+
+    async def pause(self, mode: str) -> None:
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {mode!r} must be one of {', '.join(PAUSE_MODES)}")
+        await self._pause_engine(mode)
+        self.paused = True
+
+    async def resume(self) -> None:
+        await self._resume_engine()
+        self.paused = False
+
+    async def flush_cache(self) -> int:
+        await self._flush_engine()
+        return 0  # remote engines do not say how many sequences recompute
+
+    async def update_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        selector: str = WeightSelector.TARGET,
+        weight_version: str | None = None,
+    ) -> str:
+        """Send checked tensors to the engine; the version moves only on success."""
+        self._check_selector(selector)
+        label = weight_version or str(self.version + 1)
+        await self._send_weights(tensors, selector, label)
+        return self._bump_version(label)
+
+    # ------------------------------------------------------------------ engine hooks
+    async def _open_stream(self, ids: list[int], params: SamplingParams,
+                           request_id: str) -> AsyncIterator[Any]:  # fmt: skip
+        raise NotImplementedError
+
+    def _converter(self, ids: list[int], params: SamplingParams,
+                   request_id: str) -> Callable[[Any], RequestOutput]:  # fmt: skip
+        """A converter for one request's outputs (it may keep that request's state)."""
+        raise NotImplementedError
+
+    async def _abort_engine(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def _abort_all_engine(self, request_ids: list[str]) -> None:
+        raise NotImplementedError
+
+    async def _pause_engine(self, mode: str) -> None:
+        raise NotImplementedError
+
+    async def _resume_engine(self) -> None:
+        raise NotImplementedError
+
+    async def _flush_engine(self) -> None:
+        raise NotImplementedError
+
+    async def _send_weights(self, tensors: Mapping[str, torch.Tensor], selector: str,
+                            label: str) -> None:  # fmt: skip
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers for subclasses
     async def relabel_weight_version(self, label: str) -> str:

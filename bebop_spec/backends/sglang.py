@@ -17,15 +17,13 @@ topk 1 and `speculative_use_rejection_sampling` for draft_mode "rs".
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import torch
 
-from bebop_spec.backends.remote import RemoteBackend, new_tokens
-from bebop_spec.engine.config import PAUSE_MODES, EngineConfig, WeightSelector
+from bebop_spec.backends.remote import RemoteBackend, with_overrides
+from bebop_spec.engine.config import EngineConfig
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
 from bebop_spec.errors import WeightUpdateError
 from bebop_spec.sampling_params import SamplingParams
@@ -53,8 +51,7 @@ def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) ->
         )
         if config.mtp:
             args["speculative_draft_model_path"] = config.mtp
-    env = os.environ.get("BEBOP_ENGINE_ARGS")
-    return {**args, **(json.loads(env) if env else {}), **dict(extra or {})}
+    return with_overrides(args, extra)
 
 
 def sampling_params_dict(params: SamplingParams) -> dict[str, Any]:
@@ -151,12 +148,7 @@ class SGLangBackend(RemoteBackend):
     """ServingBackend over sglang.Engine (see module docstring)."""
 
     backend_name = "sglang"
-
-    def __init__(self, config: EngineConfig, engine_args_override: Mapping[str, Any] | None = None,
-                 engine: Any = None) -> None:  # fmt: skip
-        super().__init__(config)
-        self.engine_args = engine_args(config, engine_args_override)
-        self._engine = engine
+    make_engine_args = staticmethod(engine_args)
 
     @property
     def _tm(self) -> Any:
@@ -168,23 +160,17 @@ class SGLangBackend(RemoteBackend):
 
             self._engine = sglang.Engine(**self.engine_args)
 
-    async def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-
-    async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        self.check_params(params)
-        await self.start()
+    def check_params(self, params: SamplingParams) -> None:
+        super().check_params(params)
         if params.n != 1:
             from bebop_spec.errors import InvalidRequest
 
             raise InvalidRequest("the sglang backend takes one sample per request (n=1)")
-        state: dict[str, Any] = {"ids": [], "text": "", "versions": []}
-        ids = list(prompt_token_ids)
-        self._track(request_id, started=False, finished=False)
-        stream = await self._engine.async_generate(
+
+    # ------------------------------------------------------------------ RemoteBackend hooks
+    async def _open_stream(self, ids: list[int], params: SamplingParams,
+                           request_id: str) -> AsyncIterator[Any]:  # fmt: skip
+        return await self._engine.async_generate(
             input_ids=ids,
             sampling_params=sampling_params_dict(params),
             rid=request_id,
@@ -192,67 +178,39 @@ class SGLangBackend(RemoteBackend):
             return_logprob=params.logprobs is not None,
             top_logprobs_num=params.logprobs or 0,
         )
-        prev: RequestOutput | None = None
+
+    def _converter(self, ids: list[int], params: SamplingParams, request_id: str):
+        state: dict[str, Any] = {"ids": [], "text": "", "versions": []}
         gamma = self.config.gamma
-        try:
-            async for chunk in stream:
-                cur = convert_chunk(
-                    chunk, request_id, ids, state, self.version, self._version_of, gamma
-                )
-                self._track(request_id, started=True, finished=cur.finished)
-                self._observe(
-                    new_tokens(prev, cur),
-                    cur.outputs[0].spec
-                    if cur.finished and cur.outputs[0].spec.num_drafts
-                    else None,
-                )
-                prev = cur
-                yield cur
-        finally:
-            self._track(request_id, started=True, finished=True)
-            if prev is None or not prev.finished:
-                self._tm.abort_request(rid=request_id)
+        return lambda chunk: convert_chunk(
+            chunk, request_id, ids, state, self.version, self._version_of, gamma
+        )
 
-    async def abort(self, request_id: str) -> bool:
-        known = request_id in self._running or request_id in self._waiting
+    async def _abort_engine(self, request_id: str) -> None:
         self._tm.abort_request(rid=request_id)
-        return known
 
-    async def abort_all(self) -> int:
-        n = self.num_running + self.num_waiting
+    async def _abort_all_engine(self, request_ids: list[str]) -> None:
         self._tm.abort_request(abort_all=True)
-        return n
 
-    async def pause(self, mode: str) -> None:
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause mode {mode!r} must be one of {', '.join(PAUSE_MODES)}")
+    async def _pause_engine(self, mode: str) -> None:
         from sglang.srt.managers.io_struct import PauseGenerationReqInput
 
         await self._tm.pause_generation(PauseGenerationReqInput(mode=mode))
-        self.paused = True
 
-    async def resume(self) -> None:
+    async def _resume_engine(self) -> None:
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput
 
         await self._tm.continue_generation(ContinueGenerationReqInput())
-        self.paused = False
 
-    async def flush_cache(self) -> int:
+    async def _flush_engine(self) -> None:
         await self._tm.flush_cache()
-        return 0
 
-    async def update_weights(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        selector: str = WeightSelector.TARGET,
-        weight_version: str | None = None,
-    ) -> str:
+    async def _send_weights(self, tensors: Mapping[str, torch.Tensor], selector: str,
+                            label: str) -> None:  # fmt: skip
         """SGLang's update_weights_from_tensor with its own selector and weight_version."""
-        self._check_selector(selector)
         from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
         from sglang.srt.utils import MultiprocessingSerializer
 
-        label = weight_version or str(self.version + 1)
         named = list(tensors.items())
         tp = int(self.engine_args.get("tp_size", 1))
         req = UpdateWeightsFromTensorReqInput(
@@ -271,4 +229,3 @@ class SGLangBackend(RemoteBackend):
         )
         if not ok:
             raise WeightUpdateError(f"sglang rejected the update: {message}")
-        return self._bump_version(label)

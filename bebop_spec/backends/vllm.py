@@ -21,14 +21,13 @@ engine), per-request spec metrics ("summary"), `weight_transfer_config={"backend
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import torch
 
-from bebop_spec.backends.remote import RemoteBackend, new_tokens
+from bebop_spec.backends.remote import RemoteBackend, with_overrides
 from bebop_spec.engine.config import EngineConfig, PauseMode, WeightSelector
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput, SpecStats
 from bebop_spec.patching.vllm_plugin import check_speculative_config
@@ -66,8 +65,7 @@ def engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = None) ->
         if config.mtp:
             spec["model"] = config.mtp
         args["speculative_config"] = spec
-    env = os.environ.get("BEBOP_ENGINE_ARGS")
-    return {**args, **(json.loads(env) if env else {}), **dict(extra or {})}
+    return with_overrides(args, extra)
 
 
 def sampling_params_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -169,13 +167,12 @@ class VLLMBackend(RemoteBackend):
     """ServingBackend over vllm.v1.engine.async_llm.AsyncLLM (see module docstring)."""
 
     backend_name = "vllm"
+    make_engine_args = staticmethod(engine_args)
 
     def __init__(self, config: EngineConfig, engine_args_override: Mapping[str, Any] | None = None,
                  engine: Any = None) -> None:  # fmt: skip
-        super().__init__(config)
-        self.engine_args = engine_args(config, engine_args_override)
+        super().__init__(config, engine_args_override, engine)
         self.warnings = check_speculative_config(self.engine_args.get("speculative_config"))
-        self._engine = engine  # injectable (tests); otherwise built in start()
 
     @property
     def tokenizer(self) -> Any:
@@ -195,10 +192,6 @@ class VLLMBackend(RemoteBackend):
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
         await self._engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info={}))
 
-    async def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-
     def _vllm_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -207,64 +200,38 @@ class VLLMBackend(RemoteBackend):
             **sampling_params_kwargs(params), output_kind=RequestOutputKind.CUMULATIVE
         )
 
-    async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs; closing the iterator early aborts the request in vLLM."""
-        self.check_params(params)
-        await self.start()
-        versions: dict[int, list[int]] = {}
-        prev: RequestOutput | None = None
-        self._track(request_id, started=False, finished=False)
-        stream = self._engine.generate(
-            {"prompt_token_ids": list(prompt_token_ids)}, self._vllm_params(params), request_id
+    # ------------------------------------------------------------------ RemoteBackend hooks
+    async def _open_stream(self, ids: list[int], params: SamplingParams,
+                           request_id: str) -> AsyncIterator[Any]:  # fmt: skip
+        return self._engine.generate(
+            {"prompt_token_ids": ids}, self._vllm_params(params), request_id
         )
-        try:
-            async for out in stream:
-                cur = convert_output(out, params, versions, self.version, self._version_of)
-                self._track(request_id, started=True, finished=cur.finished)
-                spec = cur.spec if cur.finished else None
-                self._observe(new_tokens(prev, cur), spec if spec and spec.num_drafts else None)
-                prev = cur
-                yield cur
-        finally:
-            self._track(request_id, started=True, finished=True)
-            if prev is None or not prev.finished:
-                await self._engine.abort(request_id)
 
-    async def abort(self, request_id: str) -> bool:
-        known = request_id in self._running or request_id in self._waiting
+    def _converter(self, ids: list[int], params: SamplingParams, request_id: str):
+        versions: dict[int, list[int]] = {}  # per-sample versions between outputs
+        return lambda out: convert_output(out, params, versions, self.version, self._version_of)
+
+    async def _abort_engine(self, request_id: str) -> None:
         await self._engine.abort(request_id)
-        return known
 
-    async def abort_all(self) -> int:
-        ids = sorted(self._running | self._waiting)
-        if ids:
-            await self._engine.abort(ids)
-        return len(ids)
+    async def _abort_all_engine(self, request_ids: list[str]) -> None:
+        if request_ids:
+            await self._engine.abort(request_ids)
 
-    async def pause(self, mode: str) -> None:
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause mode {mode!r} must be one of {', '.join(PAUSE_MODES)}")
-        await self._engine.pause_generation(mode=PAUSE_MODES[mode], clear_cache=mode == "abort")
-        self.paused = True
+    async def _pause_engine(self, mode: str) -> None:
+        await self._engine.pause_generation(
+            mode=PAUSE_MODES[mode], clear_cache=mode == PauseMode.ABORT
+        )
 
-    async def resume(self) -> None:
+    async def _resume_engine(self) -> None:
         await self._engine.resume_generation()
-        self.paused = False
 
-    async def flush_cache(self) -> int:
+    async def _flush_engine(self) -> None:
         await self._engine.reset_prefix_cache()
-        return 0
 
-    async def update_weights(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        selector: str = WeightSelector.TARGET,
-        weight_version: str | None = None,
-    ) -> str:
-        """Send the tensors through vLLM's weight transfer; the version moves only on success."""
-        self._check_selector(selector)
+    async def _send_weights(self, tensors: Mapping[str, torch.Tensor], selector: str,
+                            label: str) -> None:  # fmt: skip
+        """Through vLLM's weight transfer, target and head in turn, paused in place."""
         target, draft = WeightSelector.TARGET, WeightSelector.DRAFT
         draft_names = set(self.weight_spec(draft)) if selector != target else set()
         groups = {
@@ -274,7 +241,6 @@ class VLLMBackend(RemoteBackend):
         outside = groups[target if selector == draft else draft]
         if selector != WeightSelector.ALL and outside:
             raise ValueError(f"tensors outside selector={selector!r}: {sorted(outside)[:3]}")
-        label = weight_version or str(self.version + 1)
         was_paused = self.paused
         if not was_paused:
             await self._engine.pause_generation(mode="keep", clear_cache=False)
@@ -286,7 +252,6 @@ class VLLMBackend(RemoteBackend):
         finally:
             if not was_paused:
                 await self._engine.resume_generation()
-        return self._bump_version(label)
 
     async def _send(self, tensors: Mapping[str, torch.Tensor], draft: bool, label: str) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest

@@ -179,6 +179,7 @@ def test_backend_request_types_are_sglangs():
     from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingParams
 
     from bebop_spec.backends import sglang as sglang_backend
+    from bebop_spec.engine.config import PAUSE_MODES
     from bebop_spec.sampling_params import SamplingParams
 
     d = sglang_backend.sampling_params_dict(
@@ -187,7 +188,7 @@ def test_backend_request_types_are_sglangs():
     sp = SGLSamplingParams(**d)
     sp.verify(1000)
     assert (sp.top_k, sp.top_p, sp.min_p) == (20, 0.9, 0.05)
-    for mode in sglang_backend.PAUSE_MODES:
+    for mode in PAUSE_MODES:
         assert PauseGenerationReqInput(mode=mode).mode == mode
     req = UpdateWeightsFromTensorReqInput(
         serialized_named_tensors=[b""], selector="draft", weight_version="v7"
