@@ -306,7 +306,7 @@ def cmd_draft_vocab(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (cmd_data, "self-distillation data from the target (demo corpus or --prompts)"),
-    "train": (cmd_train, "train a head (ce | fkl | rkl | tv | e2e_tv), resumable"),
+    "train": (cmd_train, "train a head (ce | fkl | rkl | tv | e2e_tv | nla | lk), resumable"),
     "eval": (cmd_eval, "acceptance per position: analytic and measured, rs and to"),
     "export": (cmd_export, "write the head in the qwen3_next or deepseek_v3 layout"),
     "recipe": (cmd_recipe, "rebuild a shipped head from its recipe (e.g. smollm2)"),

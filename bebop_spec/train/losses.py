@@ -5,10 +5,16 @@ w[N, γ, V] (the frozen policy, detached here), an optional chain mask[N] (bool 
 weights; masked chains do not count) and returns a scalar: the mask-weighted mean over
 chains of the per-chain loss. With no counted chain the loss is 0.
 
-`tv` and `e2e_tv` are autograd Functions with the analytic backward. They never hold more
-than one vocab chunk of probabilities per token: pass 1 takes a chunked logsumexp per row,
-pass 2 walks the chunks accumulating α = Σ min(p, q) and S = Σ q·1[q ≤ p]; the backward
-recomputes p and q chunk by chunk.
+`tv`, `e2e_tv` and `nla` are one autograd Function with the analytic backward: each is a
+function of the soft acceptances α_i = Σ_v min(p_i, q_i) of a chain, so only ∂L/∂α differs.
+They never hold more than one vocab chunk of probabilities per token: pass 1 takes a chunked
+logsumexp per row, pass 2 walks the chunks accumulating α and S = Σ q·1[q ≤ p]; the backward
+recomputes p and q chunk by chunk. `lk` mixes forward KL and TV with a weight that follows
+the acceptance (below).
+
+Draft logits may be −∞ (q = 0: a token outside the head's draft vocabulary,
+train/chain.py). The TV family needs nothing special; FKL and CE then run over the draft's
+support (FKL's minimiser is p renormalised there), and a CE label of −100 counts 0.
 
 Tie convention: where q_v == p_v, min(p, q) is taken as q (indicator 1[q_v ≤ p_v]), so a
 tie passes q's gradient. At p == q this gives S = 1 and a zero gradient (the minimum).
@@ -108,21 +114,31 @@ def _e2e_grad_alpha(alpha: Tensor) -> Tensor:
     return -(prefix * tail) / gamma
 
 
+NLA_FLOOR = 1e-6  # nla: log α is taken of max(α, NLA_FLOOR), so a chain with α = 0 stays finite
+
+
+def _objective(kind: str, alpha: Tensor, position_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """α[N, γ] -> (per-chain loss L_n [N], ∂L_n/∂α [N, γ]) of the TV family."""
+    gamma = alpha.shape[-1]
+    if kind == "e2e_tv":  # L_n = 1 − (1/γ)·Σ_j Π_{i≤j} α_i
+        return 1 - torch.cumprod(alpha, -1).mean(-1), _e2e_grad_alpha(alpha)
+    if kind == "nla":  # L_n = −(1/γ)·Σ_i log α_i
+        a = alpha.clamp_min(NLA_FLOOR)
+        return -a.log().mean(-1), torch.where(alpha > NLA_FLOOR, -1.0 / (gamma * a), 0.0)
+    # tv: L_n = (1/γ)·Σ_i u_i·(1 − α_i), u = position_weights (1 by default)
+    u = torch.ones_like(alpha) if position_weights is None else position_weights.to(alpha.dtype)
+    return (u * (1 - alpha)).mean(-1), -u / gamma
+
+
 class _ChainTV(torch.autograd.Function):
-    """Mask-weighted mean over chains of a per-chain TV objective; analytic backward."""
+    """Mask-weighted mean over chains of a per-chain function of α; analytic backward."""
 
     @staticmethod
-    def forward(ctx, z, w, weights, chunk_size, end_to_end):  # z, w [N, γ, V]; weights [N]
+    def forward(ctx, z, w, weights, chunk_size, kind, position_weights):  # z, w [N, γ, V]
         n, gamma, vocab = z.shape
         z2, w2 = z.reshape(n * gamma, vocab), w.reshape(n * gamma, vocab)
         alpha, s, lse_z, lse_w = _alpha_and_s(z2, w2, chunk_size)
-        alpha = alpha.view(n, gamma)
-        if end_to_end:  # L_n = 1 − (1/γ)·Σ_j Π_{i≤j} α_i
-            per_chain = 1 - torch.cumprod(alpha, -1).mean(-1)
-            grad_alpha = _e2e_grad_alpha(alpha)
-        else:  # L_n = (1/γ)·Σ_i (1 − α_i)
-            per_chain = 1 - alpha.mean(-1)
-            grad_alpha = torch.full_like(alpha, -1.0 / gamma)
+        per_chain, grad_alpha = _objective(kind, alpha.view(n, gamma), position_weights)
         grad_alpha = grad_alpha * weights[:, None].to(alpha.dtype)
         ctx.save_for_backward(z2, w2, lse_z, lse_w, s, grad_alpha.reshape(-1))
         ctx.chunk_size, ctx.shape = chunk_size, z.shape
@@ -134,15 +150,17 @@ class _ChainTV(torch.autograd.Function):
         z2, w2, lse_z, lse_w, s, grad_alpha = ctx.saved_tensors
         g = grad_alpha * grad_out.to(grad_alpha.dtype)
         grad = _grad_logits(z2, w2, lse_z, lse_w, s, g, ctx.chunk_size)
-        return grad.view(ctx.shape), None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None
 
 
-def _tv_objective(draft_logits, target_logits, mask, chunk_size, end_to_end) -> Tensor:
+def _tv_objective(draft_logits, target_logits, mask, chunk_size, kind,
+                  position_weights: Tensor | None = None) -> Tensor:  # fmt: skip
     _check_pair(draft_logits, target_logits)
     weights = _chain_weights(
         mask, draft_logits.shape[0], _compute_dtype(draft_logits), draft_logits.device
     )
-    return _ChainTV.apply(draft_logits, target_logits.detach(), weights, chunk_size, end_to_end)
+    return _ChainTV.apply(draft_logits, target_logits.detach(), weights, chunk_size, kind,
+                          position_weights)  # fmt: skip
 
 
 def tv_loss(
@@ -152,7 +170,7 @@ def tv_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """TV = 1 − Σ_v min(p, q), mean over the γ positions, mask-mean over chains -> scalar."""
-    return _tv_objective(draft_logits, target_logits, mask, chunk_size, end_to_end=False)
+    return _tv_objective(draft_logits, target_logits, mask, chunk_size, "tv")
 
 
 def e2e_tv_loss(
@@ -162,7 +180,39 @@ def e2e_tv_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """L = 1 − (1/γ)·Σ_j Π_{i≤j} α_i per chain (α_i = 1 − TV_i), mask-mean over chains."""
-    return _tv_objective(draft_logits, target_logits, mask, chunk_size, end_to_end=True)
+    return _tv_objective(draft_logits, target_logits, mask, chunk_size, "e2e_tv")
+
+
+def nla_loss(
+    draft_logits: Tensor,
+    target_logits: Tensor,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Negative log acceptance −(1/γ)·Σ_i log α_i per chain (vllm-project/speculators' `nla`,
+    the LK paper's L_α): TV's gradient scaled by 1/α_i, so it stays large while α is small."""
+    return _tv_objective(draft_logits, target_logits, mask, chunk_size, "nla")
+
+
+LK_ETA = 3.0  # lk: λ = exp(−η·α); η = 3 puts 5 % of the weight on KL at α = 1
+
+
+def lk_loss(
+    draft_logits: Tensor,
+    target_logits: Tensor,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    eta: float = LK_ETA,
+) -> Tensor:
+    """LK hybrid (arXiv 2602.23881, SpecForge's / speculators' `lk_hybrid`): per position
+    λ·FKL + (1 − λ)·TV with λ = exp(−η·sg(α)), α the position's own soft acceptance, not
+    differentiated. KL carries the gradient while α is small (TV's is tiny there); TV, the
+    acceptance itself, takes over as α grows. The weight schedule is Bebop's reading of the
+    paper's λ-adaptive mix (its code was not at hand), with η exposed."""
+    alpha = chain_alpha(draft_logits, target_logits, chunk_size)
+    lam = torch.exp(-eta * alpha)  # [N, γ], no grad
+    kl = _masked_chain_mean(lam * _fkl_per_position(draft_logits, target_logits), mask)
+    return kl + _tv_objective(draft_logits, target_logits, mask, chunk_size, "tv", 1 - lam)
 
 
 # ---------------------------------------------------------------- CE and KL
@@ -174,13 +224,18 @@ def _masked_chain_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
     return (per_position.mean(-1) * weights).sum()
 
 
+IGNORE_LABEL = -100  # a CE label outside the head's draft vocabulary: counts 0
+
+
 def ce_loss(draft_logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
-    """−log q(y), z[N, γ, V], labels[N, γ] -> scalar."""
+    """−log q(y), z[N, γ, V], labels[N, γ] -> scalar (a label IGNORE_LABEL counts 0)."""
     n, gamma, vocab = draft_logits.shape
     if labels.shape != (n, gamma):
         raise ValueError(f"labels must be [{n}, {gamma}], got {list(labels.shape)}")
     logits = draft_logits.reshape(n * gamma, vocab).to(_compute_dtype(draft_logits))
-    nll = F.cross_entropy(logits, labels.reshape(-1).long(), reduction="none")
+    nll = F.cross_entropy(
+        logits, labels.reshape(-1).long(), reduction="none", ignore_index=IGNORE_LABEL
+    )
     return _masked_chain_mean(nll.view(n, gamma), mask)
 
 
@@ -193,12 +248,17 @@ def _log_probs(draft_logits: Tensor, target_logits: Tensor) -> tuple[Tensor, Ten
     )
 
 
-def fkl_loss(draft_logits: Tensor, target_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Forward KL Σ_v p·log(p/q) -> scalar (terms with p = 0 are 0)."""
+def _fkl_per_position(draft_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Σ_v p·log(p/q) over the draft's support (q > 0) [N, γ]; terms with p = 0 are 0."""
     log_q, log_p = _log_probs(draft_logits, target_logits)
     p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
-    return _masked_chain_mean(kl, mask)
+    keep = (p > 0) & (log_q > float("-inf"))
+    return torch.where(keep, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def fkl_loss(draft_logits: Tensor, target_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Forward KL Σ_v p·log(p/q) -> scalar (terms with p = 0, or q = 0, are 0)."""
+    return _masked_chain_mean(_fkl_per_position(draft_logits, target_logits), mask)
 
 
 def rkl_loss(draft_logits: Tensor, target_logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -221,6 +281,8 @@ LOSSES: dict[str, LossFn] = {
     "rkl": lambda z, w, y, m, c: rkl_loss(z, w, m),
     "tv": lambda z, w, y, m, c: tv_loss(z, w, m, c),
     "e2e_tv": lambda z, w, y, m, c: e2e_tv_loss(z, w, m, c),
+    "nla": lambda z, w, y, m, c: nla_loss(z, w, m, c),
+    "lk": lambda z, w, y, m, c: lk_loss(z, w, m, c),
 }
 
 

@@ -51,7 +51,7 @@ class TrainConfig:
     model: str  # target checkpoint directory (HF layout)
     data: str  # self-distillation dataset directory (train.data)
     out: str  # output directory (checkpoints, log, final head)
-    loss: str = "e2e_tv"  # one of LOSSES: ce | fkl | rkl | tv | e2e_tv
+    loss: str = "e2e_tv"  # one of LOSSES: ce | fkl | rkl | tv | e2e_tv | nla | lk
     gamma: int = 3  # chain length trained (number of speculative tokens served)
     lr: float = 1e-4
     steps: int = 1000
