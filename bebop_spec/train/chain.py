@@ -31,11 +31,13 @@ from torch import Tensor, nn
 
 from bebop_spec.models.layers import apply_rotary
 from bebop_spec.train.data import complete_chain_starts
+from bebop_spec.train.losses import IGNORE_LABEL
 
 __all__ = [
     "CONTEXTS",
     "ChainOutput",
     "complete_chain_starts",
+    "draft_vocab_view",
     "select_starts",
     "serve_attention",
     "teacher_forced_chain",
@@ -46,9 +48,9 @@ CONTEXTS = ("serve", "causal")
 
 @dataclass
 class ChainOutput:
-    draft_logits: Tensor  # [N, γ, V] float32, differentiable w.r.t. the head
-    target_logits: Tensor  # [N, γ, V] float32, no grad
-    labels: Tensor  # [N, γ] int64: x_{t+k+1}, the data token step k predicts
+    draft_logits: Tensor  # [N, γ, V] float32, differentiable w.r.t. the head ([N, γ, K+1])
+    target_logits: Tensor  # [N, γ, V] float32, no grad ([N, γ, K+1]: draft_vocab_view)
+    labels: Tensor  # [N, γ] int64: x_{t+k+1}, the data token step k predicts (its column)
     mask: Tensor  # [N] bool, all True: only complete chains are gathered
     starts: Tensor  # [N, 2] int64: (row b, start t) of each chain
 
@@ -82,13 +84,15 @@ def teacher_forced_chain(
     context: str = "serve",
     chains: tuple[Tensor, Tensor] | None = None,
     hidden: Tensor | None = None,
+    draft_ids: Tensor | None = None,
 ) -> ChainOutput:
     """input_ids[B,T], loss_mask[B,T] -> the γ-chains of every complete start (N of them), or of
     max_chains of them drawn at random (the [N, γ, V] logits dominate memory). `context`:
     "serve" | "causal", what the head's attention sees (module docstring). `chains`: given
     (rows[N], starts[N]) instead of select_starts' (a rank's share of a global draw);
     `hidden`: the target's hidden[B,T,H], when already at hand (a cache), instead of its
-    forward."""
+    forward. `draft_ids` [K]: the head drafts over these tokens only (a draft vocabulary,
+    spec/draft_vocab.py); the logits then cover K + 1 columns (draft_vocab_view)."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     if context not in CONTEXTS:
@@ -121,14 +125,43 @@ def teacher_forced_chain(
     n = int(starts.max()) + 1 if starts.numel() else 0
     chain = _serve_chain if context == "serve" else _causal_chain
     outs = chain(head, hidden[:, :n].to(head_dtype), input_ids, positions, n, gamma, embed)
-    draft = [target.compute_logits(g[rows, starts].to(hidden.dtype)) for g in outs]
+    draft_logits = _draft_logits(target, outs, rows, starts, hidden.dtype, draft_ids)
+    if draft_ids is not None:
+        target_logits, labels = draft_vocab_view(target_logits, labels, draft_ids)
     return ChainOutput(
-        draft_logits=torch.stack(draft, dim=1),
+        draft_logits=draft_logits,
         target_logits=target_logits,
         labels=labels,
         mask=torch.ones(rows.numel(), dtype=torch.bool, device=input_ids.device),
         starts=torch.stack([rows, starts], dim=1),
     )
+
+
+def _draft_logits(target: nn.Module, outs: list[Tensor], rows: Tensor, starts: Tensor,
+                  dtype: torch.dtype, draft_ids: Tensor | None) -> Tensor:  # fmt: skip
+    """The head's hidden per step -> draft logits [N, γ, V], or [N, γ, K + 1] over a draft
+    vocabulary (LM-head rows draft_ids only; the last column −∞: q = 0 for the rest)."""
+    if draft_ids is None:
+        return torch.stack([target.compute_logits(g[rows, starts].to(dtype)) for g in outs], 1)
+    weight = target.lm_head_weight[draft_ids]
+    sub = torch.stack([F.linear(g[rows, starts].to(dtype), weight).float() for g in outs], 1)
+    return F.pad(sub, (0, 1), value=float("-inf"))
+
+
+def draft_vocab_view(target_logits: Tensor, labels: Tensor, draft_ids: Tensor
+                     ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Target logits [N, γ, V] and labels [N, γ] as a head drafting over draft_ids [K] sees
+    them: logits [N, γ, K + 1] = (w_K, log Σ_{v∉K} e^{w_v}), so the softmax over K + 1 columns
+    gives p exactly on K and p's remaining mass in the last column (where q = 0): Σ min(p, q)
+    is the real acceptance. Labels become column indices, IGNORE_LABEL outside K."""
+    lse = torch.logsumexp(target_logits, -1, keepdim=True)
+    inside = target_logits[..., draft_ids]
+    rest_share = torch.exp(torch.logsumexp(inside, -1, keepdim=True) - lse).clamp(max=1.0)
+    rest = lse + torch.log1p(-rest_share)  # −∞ when K holds all of p
+    column = torch.full((target_logits.shape[-1],), IGNORE_LABEL, dtype=torch.long,
+                        device=labels.device)  # fmt: skip
+    column[draft_ids] = torch.arange(draft_ids.numel(), device=labels.device)
+    return torch.cat([inside, rest], -1), column[labels]
 
 
 Embed = Callable[[Tensor], Tensor]

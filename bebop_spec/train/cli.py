@@ -144,7 +144,13 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="attention context of the training chain: 'serve' = the engine's "
                         "(one-layer heads), 'causal' = the older approximation")  # fmt: skip
     p.add_argument("--init-from", default=None,
-                   help="'target' (the model's own head) or a head dir; default: fresh")  # fmt: skip
+                   help="'last_layer' (a copy of the target's last layer, fc passing the "
+                   "hidden through), 'target' (the model's own head) or a head dir; "
+                   "default: fresh")  # fmt: skip
+    p.add_argument("--draft-vocab", default=None, metavar="DIR",
+                   help="train drafting over DIR/draft_vocab.json's top --draft-vocab-size "
+                   "tokens, as the engine serves it (bebop mtp draft-vocab)")  # fmt: skip
+    p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -178,8 +184,9 @@ def cmd_train(argv: list[str]) -> int:
                       weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio,
                       device=args.device, dtype=args.dtype,
                       chain_context=args.chain_context, compute_dtype=args.compute_dtype,
-                      shard_target=args.shard_target,
-                      cache_hiddens=args.cache_hiddens)  # fmt: skip
+                      shard_target=args.shard_target, cache_hiddens=args.cache_hiddens,
+                      draft_vocab=args.draft_vocab,
+                      draft_vocab_size=args.draft_vocab_size)  # fmt: skip
     ckpt = cfg.out_dir / "checkpoint"
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     if ckpt.exists() and args.overwrite and main:

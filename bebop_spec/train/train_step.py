@@ -11,8 +11,11 @@ its loss weighted by its share of the chains so that the summed gradient is one 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +51,29 @@ def compute_context(cfg: TrainConfig):
     return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=4)
+def _draft_ids(directory: str, size: int, vocab: int) -> Tensor:
+    from bebop_spec.models.mtp_io import load_draft_vocab
+
+    return torch.tensor(load_draft_vocab(directory, size, vocab), dtype=torch.long)
+
+
+def draft_ids(cfg: TrainConfig, vocab: int) -> Tensor | None:
+    """The draft vocabulary's token ids [K] the head trains over (cfg.draft_vocab), or None."""
+    if not cfg.draft_vocab:
+        return None
+    return _draft_ids(str(cfg.draft_vocab), cfg.draft_vocab_size, vocab).to(cfg.device)
+
+
+def copy_draft_vocab(source: str | Path, head_dir: Path, size: int) -> None:
+    """Write source's draft_vocab.json into head_dir with `size` as the head's default."""
+    from bebop_spec.models.mtp_io import DRAFT_VOCAB_FILE
+
+    data = json.loads((Path(source) / DRAFT_VOCAB_FILE).read_text())
+    head_dir.mkdir(parents=True, exist_ok=True)
+    (head_dir / DRAFT_VOCAB_FILE).write_text(json.dumps({**data, "default_size": size}))
+
+
 def chain_loss(cfg: TrainConfig, target: nn.Module, head: nn.Module, batch: Batch,
                step: int = 0, world: World = World(),
                hiddens: Hiddens | None = None) -> tuple[Tensor, dict]:  # fmt: skip
@@ -64,7 +90,8 @@ def chain_loss(cfg: TrainConfig, target: nn.Module, head: nn.Module, batch: Batc
     with compute_context(cfg):
         chain = teacher_forced_chain(target, head, ids, mask, cfg.gamma,
                                      context=cfg.chain_context, chains=(rows.to(dev),
-                                     starts.to(dev)), hidden=hidden)  # fmt: skip
+                                     starts.to(dev)), hidden=hidden,
+                                     draft_ids=draft_ids(cfg, target.config.vocab_size))  # fmt: skip
     loss = get_loss(cfg.loss)(
         chain.draft_logits, chain.target_logits, chain.labels, chain.mask, cfg.chunk_size
     )

@@ -39,7 +39,13 @@ from bebop_spec.train.train_log import (
     read_log,
     truncate_log,
 )
-from bebop_spec.train.train_step import chain_loss, evaluate_head, lr_at, optimizer_step
+from bebop_spec.train.train_step import (
+    chain_loss,
+    copy_draft_vocab,
+    evaluate_head,
+    lr_at,
+    optimizer_step,
+)
 
 LAYOUTS = ("qwen3_next", "deepseek_v3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,9 +66,9 @@ class TrainConfig:
     warmup: int = 50  # linear warmup steps, then cosine decay to min_lr_ratio·lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
-    init_from: str | None = (
-        None  # None: fresh head; "target": the checkpoint's own head; or a head dir
-    )
+    # None: fresh head; "last_layer": the target's last layer (train/head_init.py);
+    # "target": the checkpoint's own head; or a head dir
+    init_from: str | None = None
     save_every: int = 200  # checkpoint every N steps (and at the end); 0: only at the end
     layout: str = "qwen3_next"  # parameter layout of a fresh head
     chunk_size: int = 8192  # vocab chunk of the TV losses
@@ -77,6 +83,10 @@ class TrainConfig:
     compute_dtype: str = "float32"  # forward matmuls; "bfloat16": autocast, fp32 master weights
     shard_target: bool = False  # under torchrun: FSDP2-shard the target's layers over the ranks
     cache_hiddens: str | None = None  # directory caching the target's hidden states (offline)
+    # a directory with draft_vocab.json: the head trains drafting over its draft_vocab_size
+    # most frequent tokens, q = 0 elsewhere, as the engine serves it (train/chain.py)
+    draft_vocab: str | None = None
+    draft_vocab_size: int = 8192
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,6 +109,7 @@ class TrainConfig:
             ("dtype", self.dtype in _DTYPES, f"must be one of {sorted(_DTYPES)}"),
             ("chain_context", self.chain_context in CONTEXTS, f"must be one of {CONTEXTS}"),
             ("compute_dtype", self.compute_dtype in COMPUTE_DTYPES, f"must be in {COMPUTE_DTYPES}"),
+            ("draft_vocab_size", self.draft_vocab_size >= 1, "must be >= 1"),
             (
                 "chain_context",
                 self.chain_context != "serve" or self.num_layers == 1,
@@ -167,13 +178,17 @@ def _build(cfg: TrainConfig, sharded: bool = False):
     be sharded is loaded on the CPU: fully_shard moves it to the device a layer at a time."""
     from bebop_spec.models import init_mtp_head, load_model
 
-    # init_from None: no head to load (mtp=False); "target": the checkpoint's own (mtp=None)
-    mtp = {None: False, "target": None}.get(cfg.init_from, cfg.init_from)
+    # init_from None / "last_layer": no head to load (mtp=False); "target": the checkpoint's
+    mtp = {None: False, "last_layer": False, "target": None}.get(cfg.init_from, cfg.init_from)
     device = "cpu" if sharded else cfg.device
     loaded = load_model(cfg.model, mtp=mtp, dtype=cfg.torch_dtype, device=device)
     _freeze(loaded.target)
-    if cfg.init_from is None:
+    if cfg.init_from in (None, "last_layer"):
         head = init_mtp_head(loaded.config, cfg.layout, cfg.num_layers, cfg.seed)
+        if cfg.init_from == "last_layer":
+            from bebop_spec.train.head_init import init_from_last_layer
+
+            init_from_last_layer(head, loaded.target)
     else:
         head = loaded.mtp
         if head is None:
@@ -277,6 +292,8 @@ def _export(head: nn.Module, head_dir: Path, cfg: TrainConfig, target_config) ->
 
     layout = getattr(head, "layout", cfg.layout)
     save_mtp_head(head, head_dir, layout, target_config, cfg.torch_dtype)
+    if cfg.draft_vocab:  # the head ships the vocabulary it was trained to draft over
+        copy_draft_vocab(cfg.draft_vocab, head_dir, cfg.draft_vocab_size)
 
 
 __all__ = [

@@ -174,3 +174,57 @@ def test_context_is_checked(tiny):
     with pytest.raises(ValueError, match="one-layer head"):
         teacher_forced_chain(target, two, ids, mask, 2)
     assert teacher_forced_chain(target, two, ids, mask, 2, context="causal").num_chains > 0
+
+
+def test_draft_vocab_chain_gives_the_engines_q_and_the_real_acceptance(tiny, tmp_path):
+    """With a draft vocabulary of K = 20 of the 48 tokens, the engine (rs, γ = 3, T = 1,
+    draft_vocab_size 20) drafts from q = softmax over those 20 logits, 0 elsewhere. The
+    training chain's K + 1 columns (train/chain.py draft_vocab_view), put back on the full
+    vocabulary, give that q (abs tol 1e-5); Σ_v min(p, q) over the K + 1 columns equals the
+    acceptance against the target's full p (abs tol 1e-6); labels map to their column, and
+    to IGNORE_LABEL outside the vocabulary."""
+    from bebop_spec import LLM, SamplingParams
+    from bebop_spec.models.mtp_io import save_draft_vocab
+    from bebop_spec.spec.draft_vocab import expand_draft_logits
+    from bebop_spec.train.losses import IGNORE_LABEL, chain_alpha
+
+    model_dir, target = tiny
+    head = _head(target, "qwen3_next", seed=11)
+    ranked = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(2)).tolist()
+    save_mtp_head(head, tmp_path / "head", "qwen3_next", target.config, torch.float32)
+    save_draft_vocab(tmp_path / "head", ranked)
+    ids_k = torch.tensor(ranked[:20])
+    llm = LLM(str(model_dir), mtp=str(tmp_path / "head"), num_speculative_tokens=GAMMA,
+              draft_mode="rs", device="cpu", dtype="float32", max_model_len=64,
+              spec_policy="fixed", draft_vocab_size=20)  # fmt: skip
+    runner = llm.engine.runner
+    rounds, draft = [], runner._draft
+
+    def capture(seqs, *rest):
+        drafts, q = draft(seqs, *rest)
+        for b, s in enumerate(seqs):
+            rounds.append((s.all_ids[: s.num_cached + 1], drafts[b].tolist(), q[b].clone()))
+        return drafts, q
+
+    runner._draft = capture
+    llm.generate([[1, 5, 9, 2]], SamplingParams(temperature=1.0, max_tokens=10, seed=3))
+    assert len(rounds) >= 3
+    for committed, drafts, q in rounds:
+        t = len(committed) - 2
+        ids = torch.tensor([committed + drafts])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, t + 2 :] = True
+        full = teacher_forced_chain(target, head, ids, mask, GAMMA)
+        sub = teacher_forced_chain(target, head, ids, mask, GAMMA, draft_ids=ids_k)
+        assert sub.draft_logits.shape == (1, GAMMA, 21)
+        q_sub = sub.draft_logits[0, :, :20].detach()
+        got = expand_draft_logits(q_sub, ids_k, VOCAB).softmax(-1)
+        torch.testing.assert_close(got, q, atol=1e-5, rtol=0)
+        p = full.target_logits[0].softmax(-1)
+        real = torch.minimum(p, got).sum(-1)
+        torch.testing.assert_close(
+            chain_alpha(sub.draft_logits, sub.target_logits)[0], real, atol=1e-6, rtol=0
+        )
+        column = {tok: i for i, tok in enumerate(ids_k.tolist())}
+        want = [column.get(int(y), IGNORE_LABEL) for y in full.labels[0]]
+        assert sub.labels[0].tolist() == want

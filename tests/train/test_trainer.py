@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -189,3 +190,36 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny, tmp_path):
     assert {v.dtype for k, v in moments.items() if not k.endswith(".step")} == {torch.float32}
     deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(full.records, half.records, strict=True)]
     assert 0 < max(deltas) < 0.01, deltas
+
+
+def test_last_layer_init_and_training_over_a_draft_vocabulary(tiny, tmp_path):
+    """init_from="last_layer": before any step the head's decoder layer and final norm equal
+    the target's last layer and final norm, and fc = [0 | I] (the hidden passes through).
+    Training over a draft vocabulary of 16 of the 32 tokens (lk loss) runs, lowers the loss
+    from its first steps and exports the head with that vocabulary as its default size."""
+    from bebop_spec.models.mtp_io import draft_vocab_default, load_draft_vocab, save_draft_vocab
+    from bebop_spec.train.head_init import init_from_last_layer
+
+    model_dir, _ = tiny
+    target = load_model(model_dir).target
+    head = init_from_last_layer(init_mtp_head(target.config, "qwen3_next", 1, 0), target)
+    _, _, fc, layer, norm = head.parts(0)
+    last = target.model.layers[-1]
+    for name, value in last.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[name], value, atol=0, rtol=0)
+    torch.testing.assert_close(norm.weight, target.model.norm.weight, atol=0, rtol=0)
+    hidden = target.config.hidden_size
+    assert fc.weight[:, :hidden].abs().max() == 0
+    torch.testing.assert_close(fc.weight[:, hidden:], torch.eye(hidden), atol=0, rtol=0)
+
+    vocab_dir = tmp_path / "vocab"
+    vocab_dir.mkdir()
+    ranked = list(range(VOCAB - 1, -1, -1))
+    save_draft_vocab(vocab_dir, ranked)
+    result = train_mtp(_cfg(tiny, tmp_path / "run", loss="lk", steps=20, init_from="last_layer",
+                            draft_vocab=str(vocab_dir), draft_vocab_size=16))  # fmt: skip
+    losses = [r["loss"] for r in read_log(result.log_path)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert draft_vocab_default(result.head_dir) == 16
+    assert load_draft_vocab(result.head_dir, 16, VOCAB) == ranked[:16]
