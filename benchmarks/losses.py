@@ -3,12 +3,18 @@
     python benchmarks/losses.py                          # demo model, ~15 min on 2 CPU cores
     python benchmarks/losses.py --steps 60 --losses ce e2e_tv    # quicker look
     python benchmarks/losses.py --model DIR --work DIR    # another target (needs its corpus)
+    python benchmarks/losses.py --model ~/.cache/bebop/models/SmolLM2-135M-Instruct \
+        --train-data D --heldout-data H --init last_layer --draft-vocab HEAD --warm-steps 0 \
+        --temperatures 1.0 0.7 --no-measured    # the real model (docs/head_study.md)
 
-One head per loss (ce, fkl, rkl, tv, e2e_tv) is trained on the same self-distilled data (the
+One head per loss (ce, fkl, rkl, tv, e2e_tv, and the peers' nla and lk) is trained on the same self-distilled data (the
 target sampled at T = 1 on demo-corpus train prompts) with the same budget, seed and
 hyper-parameters, all starting from one shared warm-start head (--warm-steps of forward KL
 from a random init; the paper fine-tunes existing heads, and TV-type losses learn slowly from a
-random head because their gradient is bounded by q). --warm-steps 0 trains from scratch. Each head is then scored at γ = 3, T = 1, per domain, under rejection
+random head because their gradient is bounded by q). --warm-steps 0 trains from scratch;
+--init last_layer starts (the warm start or every head) from the target's last layer
+(train/head_init.py); --draft-vocab trains every head over that head's draft vocabulary, as
+the engine serves it. Each head is then scored at γ = 3, T = 1, per domain, under rejection
 sampling (`rs`) and greedy drafting (`to`): analytically on the teacher-forced chains of
 held-out self-distilled data (Σ min(p, q), p(argmax q)) and measured by the engine generating
 from the held-out prompts. The headline number is the acceptance rate E[A] / γ (accepted /
@@ -40,8 +46,8 @@ from bebop_spec.train.selfdistill import DataConfig, generate_dataset  # noqa: E
 from bebop_spec.train.trainer import TrainConfig, train_mtp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-LOSSES = ("ce", "fkl", "rkl", "tv", "e2e_tv")
-GAMMA, TEMPERATURE = 3, 1.0
+LOSSES = ("ce", "fkl", "rkl", "tv", "e2e_tv", "nla", "lk")
+GAMMA, TEMPERATURE = 3, 1.0  # TEMPERATURE: the data's and the headline table's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-tokens", type=int, default=96)
     p.add_argument("--no-measured", action="store_true", help="analytic acceptance only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-data", default=None, help="an existing `bebop mtp data` dir")
+    p.add_argument("--heldout-data", default=None, help="an existing held-out dataset dir")
+    p.add_argument("--init", default="fresh", choices=["fresh", "last_layer"])
+    p.add_argument("--draft-vocab", default=None, metavar="DIR",
+                   help="train over DIR/draft_vocab.json's top --draft-vocab-size tokens")  # fmt: skip
+    p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[TEMPERATURE],
+                   help="evaluation temperatures (the first is the headline)")  # fmt: skip
+    p.add_argument("--cache-hiddens", action="store_true",
+                   help="cache the target's hiddens once under --work (offline mode)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS / "losses.json"))
     return p.parse_args(argv)
@@ -101,11 +117,14 @@ def train_head(
     model: str, data: Path, out: Path, loss: str, steps: int, lr: float, init: Path | None, args
 ) -> tuple[Path, float]:
     """Train (or resume / reuse) the head for one loss; returns (head dir, seconds spent)."""
+    start = str(init) if init else (None if args.init == "fresh" else args.init)
+    cache = _work_dir(args) / "hiddens" if args.cache_hiddens else None
     cfg = TrainConfig(model=model, data=str(data), out=str(out), loss=loss, gamma=GAMMA, lr=lr,
                       steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       warmup=max(1, steps // 15), seed=args.seed, max_chains=args.max_chains,
-                      init_from=str(init) if init else None, save_every=20,
-                      log_every=5)  # fmt: skip
+                      init_from=start, save_every=20, log_every=5,
+                      cache_hiddens=str(cache) if cache else None, draft_vocab=args.draft_vocab,
+                      draft_vocab_size=args.draft_vocab_size)  # fmt: skip
     state = out / "checkpoint" / "trainer_state.json"
     if state.is_file():
         saved = json.loads(state.read_text())
@@ -120,7 +139,8 @@ def train_head(
 
 def eval_head(model: str, head: Path, heldout: Path, args) -> list[AcceptanceRow]:
     cfg = EvalConfig(model=model, mtp=str(head), data=str(heldout), gamma=GAMMA,
-                     temperatures=(TEMPERATURE,), modes=("rs", "to"), seq_len=args.seq_len,
+                     temperatures=tuple(args.temperatures), modes=("rs", "to"),
+                     seq_len=args.seq_len,
                      measured=not args.no_measured, measure_prompts=args.measure_prompts,
                      max_tokens=args.measure_tokens, seed=args.seed)  # fmt: skip
     return evaluate(cfg, progress=False)
@@ -129,14 +149,24 @@ def eval_head(model: str, head: Path, heldout: Path, args) -> list[AcceptanceRow
 # ---------------------------------------------------------------- report
 
 
-def table(results: dict[str, list[dict]], domains: list[str]) -> str:
-    """Acceptance % (E[A]/γ) per loss: rs and to, analytic (measured), with Δ vs ce."""
+def _at(results: dict[str, list[dict]], temperature: float) -> dict[str, list[dict]]:
+    """The rows evaluated at one temperature."""
+    return {k: [r for r in rows if abs(r["temperature"] - temperature) < 1e-9]
+            for k, rows in results.items()}  # fmt: skip
+
+
+def table(results: dict[str, list[dict]], domains: list[str],
+          temperature: float = TEMPERATURE) -> str:  # fmt: skip
+    """Acceptance % (E[A]/γ) per loss at one temperature: rs and to, analytic (measured),
+    with Δ vs ce, and rs E[A] per domain."""
     cols = [(m, d) for m in ("rs", "to") for d in domains]
     head = " | ".join(f"{m + ':' + d:<18}" for m, d in cols)
     lines = [
-        "acceptance % = E[A]/γ: analytic [measured], Δ = analytic points vs ce",
-        f"{'loss':<7}| {head}",
+        f"T = {temperature:g}: acceptance % = E[A]/γ: analytic [measured], Δ = analytic "
+        "points vs ce; last columns: rs E[A] per domain",
+        f"{'loss':<7}| {head} | " + " ".join(f"{d:>6}" for d in domains),
     ]
+    results = _at(results, temperature)
     get = {
         (loss, r["mode"], r["domain"], r["source"]): 100 * r["acceptance_rate"]
         for loss, rows in results.items()
@@ -150,12 +180,15 @@ def table(results: dict[str, list[dict]], domains: list[str]) -> str:
             delta = f"{a - base:+5.1f}" if base is not None and loss != "ce" else "    ·"
             meas = f"[{me:5.1f}]" if me is not None else "       "
             cells.append(f"{a:5.1f}{meas} {delta}")
-        lines.append(f"{loss:<7}| " + " | ".join(cells))
+        ea = [get[(loss, "rs", d, "analytic")] * GAMMA / 100 for d in domains]
+        lines.append(f"{loss:<7}| " + " | ".join(cells) + " | "
+                     + " ".join(f"{e:6.3f}" for e in ea))  # fmt: skip
     return "\n".join(lines)
 
 
 def check_targets(results: dict[str, list[dict]], domains: list[str]) -> dict[str, bool | None]:
-    """The paper's qualitative claims, evaluated on the analytic acceptance rates."""
+    """The paper's qualitative claims, on the analytic acceptance rates at T = TEMPERATURE."""
+    results = _at(results, TEMPERATURE)
     acc = {
         (loss, r["mode"], r["domain"]): 100 * r["acceptance_rate"]
         for loss, rows in results.items()
@@ -163,6 +196,13 @@ def check_targets(results: dict[str, list[dict]], domains: list[str]) -> dict[st
         if r["source"] == "analytic"
     }
     out: dict[str, bool | None] = {}
+    peers = [p for p in ("lk", "nla") if p in results]
+    if "e2e_tv" in results and peers:
+        wins = sum(acc["e2e_tv", "rs", d] - max(acc[p, "rs", d] for p in peers) >= 1.0
+                   for d in domains)  # fmt: skip
+        out[f"e2e_tv >= best of {'/'.join(peers)} + 1 (rs) on >= 2 domains"] = wins >= min(
+            2, len(domains)
+        )
     if {"ce", "e2e_tv"} <= results.keys():
         wins = sum(acc["e2e_tv", "rs", d] - acc["ce", "rs", d] >= 3.0 for d in domains)
         out["e2e_tv >= ce + 3 (rs) on >= 2 domains"] = wins >= min(2, len(domains))
@@ -177,7 +217,9 @@ def check_targets(results: dict[str, list[dict]], domains: list[str]) -> dict[st
 
 
 def plot(results: dict[str, list[dict]], domains: list[str], out_png: Path) -> None:
-    """P(draft j accepted) per position: a panel per (mode, domain), a line per loss."""
+    """P(draft j accepted) per position at T = TEMPERATURE: a panel per (mode, domain), a
+    line per loss."""
+    results = _at(results, TEMPERATURE)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(ensure_demo())
     work = _work_dir(args)
-    train = ensure_data(args.model, work / "data_train", "train", args.train_prompts, args)
-    heldout = ensure_data(args.model, work / "data_heldout", "heldout", args.heldout_prompts, args)
+    train = Path(args.train_data) if args.train_data else ensure_data(
+        args.model, work / "data_train", "train", args.train_prompts, args)  # fmt: skip
+    heldout = Path(args.heldout_data) if args.heldout_data else ensure_data(
+        args.model, work / "data_heldout", "heldout", args.heldout_prompts, args)  # fmt: skip
     t_data = time.perf_counter() - t_start
 
     results: dict[str, list[dict]] = {}
@@ -240,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         (work / "heads" / loss / "eval.json").write_text(json.dumps(results[loss], indent=2))
 
     domains = sorted({r["domain"] for rows in results.values() for r in rows})
-    print(table(results, domains))
+    for t in args.temperatures:
+        print(table(results, domains, t))
     targets = check_targets(results, domains)
     for claim, ok in targets.items():
         print(f"  {'PASS' if ok else 'MISS' if ok is not None else 'n/a '}  {claim}")

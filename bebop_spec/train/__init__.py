@@ -46,13 +46,20 @@ def train_demo_head(
     train: dict | None = None,
     data: dict | None = None,
     dataset: str | Path | None = None,
+    lr: float = LR,
+    init: str | None = None,
+    draft_vocab_size: int | None = None,
+    cache_hiddens: bool = False,
 ) -> Path:
     """Self-distil the demo target at T = 1, warm a fresh head up with forward KL for
     `warm_steps`, train it `steps` more with `loss`; returns out_dir, which
     then holds the head (config.json + model.safetensors, `LLM(target, mtp=out_dir)`), plus
     `data/`, `train_log.jsonl`, `training_curve.png` and `summary.json`. `train` / `data`
     override TrainConfig / DataConfig fields (a recipe, train/recipes.py); `dataset` reuses an
-    existing self-distillation dataset instead of sampling one."""
+    existing self-distillation dataset instead of sampling one. `init` ("last_layer") is where
+    the first stage starts (default: fresh); `draft_vocab_size` ranks the data's response
+    tokens into out_dir/draft_vocab.json and trains drafting over the top ones;
+    `cache_hiddens` runs the target once over the data (out_dir/hiddens, removed at the end)."""
     from bebop_spec.train.selfdistill import DataConfig, generate_dataset
     from bebop_spec.train.trainer import TrainConfig, plot_training_curve, train_mtp
 
@@ -73,14 +80,24 @@ def train_demo_head(
     t_data = time.perf_counter() - t0
     common = dict(model=str(target_dir), data=data_cfg.out, gamma=gamma, seed=seed,
                   **{**DEMO_TRAIN, **(train or {})})  # fmt: skip
+    if draft_vocab_size:
+        from bebop_spec.models.loader import load_config
+        from bebop_spec.train.draft_vocab import build_draft_vocab
+
+        build_draft_vocab(data_cfg.out, out, load_config(target_dir).vocab_size)
+        common.update(draft_vocab=str(out), draft_vocab_size=draft_vocab_size)
+    if cache_hiddens:
+        common["cache_hiddens"] = str(out / "hiddens")
     warm = None
     if warm_steps:
         warm_cfg = TrainConfig(out=str(out / "warm"), loss=WARM_LOSS, steps=warm_steps,
-                               lr=WARM_LR, warmup=max(1, warm_steps // 10), **common)  # fmt: skip
+                               lr=WARM_LR, warmup=max(1, warm_steps // 10), init_from=init,
+                               **common)  # fmt: skip
         warm = train_mtp(warm_cfg)
-    init = str(warm.head_dir) if warm else None
-    cfg = TrainConfig(out=str(out / "run"), loss=loss, steps=steps, lr=LR, warmup=2,
-                      init_from=init, **common)  # fmt: skip
+    start = str(warm.head_dir) if warm else init
+    cfg = TrainConfig(out=str(out / "run"), loss=loss, steps=steps, lr=lr,
+                      warmup=2 if warm else max(1, steps // 15), init_from=start,
+                      **common)  # fmt: skip
     result = train_mtp(cfg)
     for f in result.head_dir.iterdir():  # the head itself lives at out_dir
         shutil.copy2(f, out / f.name)
@@ -88,11 +105,12 @@ def train_demo_head(
     plot_training_curve(out / result.log_path.name, out / "training_curve.png")
     if warm is not None:
         shutil.copy2(warm.log_path, out / "warm_log.jsonl")
-    for d in ("run", "warm"):  # optimiser state and duplicate heads: not needed after the build
+    for d in ("run", "warm", "hiddens"):  # optimiser state, duplicate heads, the cache
         shutil.rmtree(out / d, ignore_errors=True)
     summary = {
         "loss": loss, "gamma": gamma, "steps": result.step, "seed": seed,
         "warm_start": {"loss": WARM_LOSS, "steps": warm_steps} if warm_steps else None,
+        "init": init or "fresh", "draft_vocab_size": draft_vocab_size,
         "data": {"sequences": meta.num_sequences, "response_tokens": meta.num_response_tokens},
         "final_soft_alpha": result.alpha, "final_accepted_length": result.accepted_length,
         "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t0, 1)},
