@@ -100,6 +100,20 @@ def test_serve_chain_equals_the_engine_computation_by_hand(tiny, layout):
     assert gap > 1e-3
 
 
+def _capture_draft_rounds(runner) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    """Wrap ModelRunner._draft: every draft round appends (committed ids, drafts, q[γ, V])."""
+    rounds, draft = [], runner._draft
+
+    def capture(seqs, *rest):
+        drafts, q = draft(seqs, *rest)
+        for b, s in enumerate(seqs):
+            rounds.append((s.all_ids[: s.num_cached + 1], drafts[b].tolist(), q[b].clone()))
+        return drafts, q
+
+    runner._draft = capture
+    return rounds
+
+
 def test_serve_chain_equals_the_engines_q(tiny, tmp_path):
     """The engine itself (draft_mode rs, γ = 3, T = 1, no top-k/p, so q = softmax(logits)):
     every draft round's q[γ, V] is captured from ModelRunner._draft together with the committed
@@ -113,16 +127,7 @@ def test_serve_chain_equals_the_engines_q(tiny, tmp_path):
     llm = LLM(str(model_dir), mtp=str(tmp_path / "head"), num_speculative_tokens=GAMMA,
               draft_mode="rs", device="cpu", dtype="float32", max_model_len=64,
               spec_policy="fixed")  # fmt: skip
-    runner = llm.engine.runner
-    rounds, draft = [], runner._draft
-
-    def capture(seqs, *rest):
-        drafts, q = draft(seqs, *rest)
-        for b, s in enumerate(seqs):
-            rounds.append((s.all_ids[: s.num_cached + 1], drafts[b].tolist(), q[b].clone()))
-        return drafts, q
-
-    runner._draft = capture
+    rounds = _capture_draft_rounds(llm.engine.runner)
     prompts = [[1, 5, 9, 2], [7, 3, 3, 8, 1, 4]]
     llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=12, seed=3))
     assert len(rounds) >= 6
@@ -197,16 +202,7 @@ def test_draft_vocab_chain_gives_the_engines_q_and_the_real_acceptance(tiny, tmp
     llm = LLM(str(model_dir), mtp=str(tmp_path / "head"), num_speculative_tokens=GAMMA,
               draft_mode="rs", device="cpu", dtype="float32", max_model_len=64,
               spec_policy="fixed", draft_vocab_size=20)  # fmt: skip
-    runner = llm.engine.runner
-    rounds, draft = [], runner._draft
-
-    def capture(seqs, *rest):
-        drafts, q = draft(seqs, *rest)
-        for b, s in enumerate(seqs):
-            rounds.append((s.all_ids[: s.num_cached + 1], drafts[b].tolist(), q[b].clone()))
-        return drafts, q
-
-    runner._draft = capture
+    rounds = _capture_draft_rounds(llm.engine.runner)
     llm.generate([[1, 5, 9, 2]], SamplingParams(temperature=1.0, max_tokens=10, seed=3))
     assert len(rounds) >= 3
     for committed, drafts, q in rounds:
