@@ -126,7 +126,7 @@ def test_cli_on_server_metrics_scrapes(tmp_path, capsys):
 
     def engine(mode: str):
         return SimpleNamespace(num_running=0, num_waiting=0, version=0, weight_version="default",
-                               config=SimpleNamespace(draft_mode=mode),
+                               config=SimpleNamespace(draft_mode=mode, draft_mode_name=mode),
                                add_observer=lambda fn: None)  # fmt: skip
 
     lines = []
