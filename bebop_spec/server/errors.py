@@ -6,8 +6,9 @@ only a genuine server fault is a 500 (logged with its traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bebop_spec.engine.async_engine import EngineStepError
+from bebop_spec.errors import EngineOverloaded, InvalidRequest
 
 _TYPES = {
     400: "invalid_request_error",
@@ -69,6 +71,24 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status a failed request is answered (and counted in /metrics) with."""
+    return exc.status if isinstance(exc, ApiError) else 500
+
+
+@contextlib.contextmanager
+def engine_refusals(retry_after_s: int) -> Iterator[None]:
+    """The engine's refusals as replies: overloaded -> 503 with Retry-After, a request it
+    cannot run -> 400. Every serving class starts its engine streams inside this."""
+    try:
+        yield
+    except EngineOverloaded as exc:
+        raise ApiError(503, str(exc) or "server overloaded",
+                       headers={"Retry-After": str(retry_after_s)}) from exc  # fmt: skip
+    except InvalidRequest as exc:
+        raise bad_request(str(exc)) from exc
 
 
 def _loc(err: dict) -> str:

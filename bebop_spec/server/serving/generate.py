@@ -11,7 +11,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -19,18 +18,16 @@ from fastapi.responses import Response
 
 from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
-from bebop_spec.errors import EngineOverloaded, InvalidRequest
 from bebop_spec.sampling_params import SamplingParams
 from bebop_spec.server.config import ServerConfig
-from bebop_spec.server.errors import ApiError, bad_request
+from bebop_spec.server.errors import bad_request, status_of
 from bebop_spec.server.metrics import ServerMetrics
 from bebop_spec.server.protocol.sglang import GenerateRequest, SGLangSamplingParams
+from bebop_spec.server.serving.base import EngineServing
 from bebop_spec.server.serving.common import (
     AdmissionGate,
     FastJSONResponse,
-    PromptChecker,
     SSEResponse,
-    TokenText,
     cancel_on_disconnect,
     last_item,
     make_sampling_params,
@@ -38,35 +35,18 @@ from bebop_spec.server.serving.common import (
     metered_sse,
     reject_unsupported,
     sse,
-    start_streams,
 )
-from bebop_spec.server.serving.generate_format import GenerateFormatter
+from bebop_spec.server.serving.generate_format import GenerateFormatter, GenerateItem
 
 
-@dataclass
-class _Item:
-    """One prompt of a /generate call."""
-
-    rid: str
-    prompt: list[int]
-    params: SamplingParams | None  # None: max_new_tokens == 0, nothing to run
-    logprob: bool
-    top_logprobs: int
-    logprob_start: int = -1  # SGLang's logprob_start_len: -1 scores no prompt token
-    token_ids: list[int] | None = None  # token_ids_logprob
-
-
-class GenerateServing:
+class GenerateServing(EngineServing):
     def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics,
                  gate: AdmissionGate | None = None) -> None:  # fmt: skip
-        self.engine, self.config, self.metrics = engine, config, metrics
-        self.gate = gate or AdmissionGate()
-        self.checker = PromptChecker(engine)
-        self.token_text = TokenText(engine.tokenizer)
+        super().__init__(engine, config, metrics, gate)
         self.active: set[str] = set()  # engine request ids in flight
 
     # ---------------------------------------------------------------- parsing
-    def _items(self, req: GenerateRequest) -> tuple[list[_Item], bool]:
+    def _items(self, req: GenerateRequest) -> tuple[list[GenerateItem], bool]:
         reject_unsupported({"lora_path": (req.lora_path, None), "image_data": (req.image_data, None),
                             "input_embeds": (req.input_embeds, None)})  # fmt: skip
         if (req.text is None) == (req.input_ids is None):
@@ -89,7 +69,7 @@ class GenerateServing:
             )
         rids = self._rids(req.rid, b)
         items = [
-            _Item(rid, p, self._params(sp, len(p), *opts), *opts)
+            GenerateItem(rid, p, self._params(sp, len(p), *opts), *opts)
             for rid, p, sp, opts in zip(
                 rids, prompts, sps, self._logprob_options(req, b), strict=True
             )  # fmt: skip
@@ -207,7 +187,7 @@ class GenerateServing:
         try:
             items, single = self._items(req)
             arrival = time.perf_counter()
-            streams = await self._start(raw, [self._stream_of(it, arrival) for it in items])
+            streams = await self.start_streams(raw, [self._stream_of(it, arrival) for it in items])
             stage = "generation"
             fmt = GenerateFormatter(
                 self, items, req.return_text_in_logprobs, req.return_prompt_token_ids, arrival
@@ -222,21 +202,12 @@ class GenerateServing:
                 del d["_index"]
             reply = FastJSONResponse(outs[0] if single else outs)
         except Exception as exc:
-            self.metrics.failed(stage, exc.status if isinstance(exc, ApiError) else 500)
+            self.metrics.failed(stage, status_of(exc))
             raise
         self.metrics.succeeded(finals)
         return reply
 
-    async def _start(self, raw: Request, streams: list) -> list:
-        try:
-            return await cancel_on_disconnect(raw, start_streams(streams))
-        except EngineOverloaded as exc:
-            raise ApiError(503, str(exc) or "server overloaded",
-                           headers={"Retry-After": str(self.config.retry_after_s)}) from exc  # fmt: skip
-        except InvalidRequest as exc:
-            raise bad_request(str(exc)) from exc
-
-    async def _stream_of(self, it: _Item, arrival: float) -> AsyncIterator[RequestOutput]:
+    async def _stream_of(self, it: GenerateItem, arrival: float) -> AsyncIterator[RequestOutput]:
         if it.params is None:  # max_new_tokens == 0: a finished, empty completion
             yield RequestOutput(
                 it.rid, it.prompt, [CompletionOutput(0, [], finish_reason="length")]

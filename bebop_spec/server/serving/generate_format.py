@@ -5,20 +5,33 @@ weight_version + per-token weight_versions spans, spec_* stats, output_token_log
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
+from bebop_spec.sampling_params import SamplingParams
+from bebop_spec.server.serving.base import EngineServing
 from bebop_spec.server.serving.common import json_logprob, version_spans
 from bebop_spec.server.serving.prompt_format import sglang_input_logprobs
 
-if TYPE_CHECKING:
-    from bebop_spec.server.serving.generate import GenerateServing, _Item
+
+@dataclass
+class GenerateItem:
+    """One prompt of a /generate call."""
+
+    rid: str
+    prompt: list[int]
+    params: SamplingParams | None  # None: max_new_tokens == 0, nothing to run
+    logprob: bool
+    top_logprobs: int
+    logprob_start: int = -1  # SGLang's logprob_start_len: -1 scores no prompt token
+    token_ids: list[int] | None = None  # token_ids_logprob
 
 
 class GenerateFormatter:
     """Engine outputs -> SGLang `{text, output_ids, meta_info}` dicts."""
 
-    def __init__(self, s: GenerateServing, items: list[_Item], logprob_text: bool, prompt_ids: bool,
+    def __init__(self, s: EngineServing, items: list[GenerateItem], logprob_text: bool, prompt_ids: bool,
                  arrival: float) -> None:  # fmt: skip
         self.s, self.items, self.arrival = s, items, arrival
         self.logprob_text, self.prompt_ids = logprob_text, prompt_ids
@@ -39,7 +52,7 @@ class GenerateFormatter:
             res.append(d)
         return res
 
-    def _meta(self, it: _Item, o: CompletionOutput, n: int) -> dict[str, Any]:
+    def _meta(self, it: GenerateItem, o: CompletionOutput, n: int) -> dict[str, Any]:
         engine = self.s.engine
         spans = version_spans(o.weight_versions, engine.version_labels)
         spec = o.spec

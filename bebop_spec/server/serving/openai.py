@@ -16,42 +16,26 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from bebop_spec.backends import ServingBackend
-from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
-from bebop_spec.errors import EngineOverloaded, InvalidRequest
+from bebop_spec.engine.outputs import RequestOutput
 from bebop_spec.sampling_params import SamplingParams
-from bebop_spec.server.config import ServerConfig
-from bebop_spec.server.errors import ApiError, bad_request
-from bebop_spec.server.metrics import ServerMetrics
+from bebop_spec.server.errors import ApiError, bad_request, status_of
 from bebop_spec.server.protocol import openai as oai
+from bebop_spec.server.serving.base import EngineServing
 from bebop_spec.server.serving.common import (
-    AdmissionGate,
     FastJSONResponse,
-    PromptChecker,
     SSEResponse,
-    TokenText,
     cancel_on_disconnect,
     last_item,
     make_sampling_params,
     merge_streams,
     metered_sse,
     reject_unsupported,
-    spec_info,
     sse,
-    start_streams,
-    version_spans,
 )
 from bebop_spec.server.serving.openai_format import ChoiceFormatter, wire
 
 
-class OpenAIServing:
-    def __init__(self, engine: ServingBackend, config: ServerConfig, metrics: ServerMetrics,
-                 gate: AdmissionGate | None = None) -> None:  # fmt: skip
-        self.engine, self.config, self.metrics = engine, config, metrics
-        self.gate = gate or AdmissionGate()
-        self.checker = PromptChecker(engine)
-        self.token_text = TokenText(engine.tokenizer)
-
+class OpenAIServing(EngineServing):
     # ------------------------------------------------------------------ models
     def models(self) -> oai.ModelList:
         name = self.config.served_model_name
@@ -231,7 +215,7 @@ class OpenAIServing:
             finals = await cancel_on_disconnect(raw, self._collect(streams))
             reply = FastJSONResponse(wire(fmt.full_response(finals)))
         except Exception as exc:
-            self.metrics.failed(stage, exc.status if isinstance(exc, ApiError) else 500)
+            self.metrics.failed(stage, status_of(exc))
             raise
         self.metrics.succeeded(finals)
         return reply
@@ -245,15 +229,7 @@ class OpenAIServing:
             self.metrics.track(self.engine.generate(p, sp, f"{rid}-{i}"), arrival)
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
-        try:
-            return await cancel_on_disconnect(raw, start_streams(streams))
-        except EngineOverloaded as exc:
-            raise ApiError(503, str(exc) or "server overloaded", headers=self._retry()) from exc
-        except InvalidRequest as exc:
-            raise bad_request(str(exc)) from exc
-
-    def _retry(self) -> dict[str, str]:
-        return {"Retry-After": str(self.config.retry_after_s)}
+        return await self.start_streams(raw, streams)
 
     @staticmethod
     async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
@@ -275,17 +251,3 @@ class OpenAIServing:
                 yield sse(wire(usage))
 
         return metered_sse(self.metrics, body(), lambda: list(finals.values()))
-
-    # ---------------------------------------------------------------- helpers
-    def spans(self, o: CompletionOutput) -> list[oai.WeightVersionSpan]:
-        """Which weights produced which of this sample's tokens."""
-        return [
-            oai.WeightVersionSpan(**d)
-            for d in version_spans(o.weight_versions, self.engine.version_labels)
-        ]
-
-    @staticmethod
-    def spec(finals: list[RequestOutput]) -> oai.SpecStatsInfo:
-        """Speculative counters summed over every sample of the reply."""
-        everything = RequestOutput("", [], [o for f in finals for o in f.outputs])
-        return oai.SpecStatsInfo(**spec_info(everything.spec))

@@ -7,15 +7,13 @@ differ only in how a choice and its logprobs are spelled.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bebop_spec.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from bebop_spec.server.protocol import openai as oai
-from bebop_spec.server.serving.common import LOGPROB_FLOOR, json_logprob
+from bebop_spec.server.serving.base import EngineServing
+from bebop_spec.server.serving.common import LOGPROB_FLOOR, json_logprob, spec_info, version_spans
 from bebop_spec.server.serving.prompt_format import echo_logprobs, vllm_prompt_logprobs
-
-if TYPE_CHECKING:
-    from bebop_spec.server.serving.openai import OpenAIServing
 
 
 def wire(response: Any) -> dict[str, Any]:
@@ -30,7 +28,7 @@ def wire(response: Any) -> dict[str, Any]:
 
 class ChoiceFormatter:
     def __init__(
-        self, serving: OpenAIServing, req: Any, rid: str, prompts: list[list[int]], *, chat: bool
+        self, serving: EngineServing, req: Any, rid: str, prompts: list[list[int]], *, chat: bool
     ):
         self.s, self.req, self.rid, self.prompts, self.chat = serving, req, rid, prompts, chat
         self.n = req.n
@@ -71,8 +69,21 @@ class ChoiceFormatter:
         return {
             "weight_version": label,
             "metadata": {"weight_version": label},
-            "spec_stats": self.s.spec(finals),
+            "spec_stats": self._spec(finals),
         }
+
+    def _spans(self, o: CompletionOutput) -> list[oai.WeightVersionSpan]:
+        """Which weights produced which of this sample's tokens."""
+        return [
+            oai.WeightVersionSpan(**d)
+            for d in version_spans(o.weight_versions, self.s.engine.version_labels)
+        ]
+
+    @staticmethod
+    def _spec(finals: list[RequestOutput]) -> oai.SpecStatsInfo:
+        """Speculative counters summed over every sample of the reply."""
+        everything = RequestOutput("", [], [o for f in finals for o in f.outputs])
+        return oai.SpecStatsInfo(**spec_info(everything.spec))
 
     def _usage(self, finals: list[RequestOutput]) -> oai.UsageInfo:
         prompt = sum(len(p) for p in self.prompts)
@@ -142,7 +153,7 @@ class ChoiceFormatter:
     ):
         spans = None
         if final:
-            spans = self.s.spans(o)
+            spans = self._spans(o)
         finish = o.finish_reason if final else None
         stop = self._stop_reason(o) if final else None
         ids = o.token_ids[a:b] if self.req.return_token_ids else None

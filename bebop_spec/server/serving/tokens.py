@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from bebop_spec.engine.outputs import CompletionOutput, RequestOutput
-from bebop_spec.server.errors import ApiError
+from bebop_spec.server.errors import status_of
 from bebop_spec.server.protocol import vllm as v
 from bebop_spec.server.serving.common import (
     FastJSONResponse,
@@ -49,7 +49,7 @@ class TokensServing:
             final = await cancel_on_disconnect(raw, last_item(stream))
             reply = FastJSONResponse(self._reply(req, rid, prompt, final))
         except Exception as exc:
-            self.metrics.failed(stage, exc.status if isinstance(exc, ApiError) else 500)
+            self.metrics.failed(stage, status_of(exc))
             raise
         self.metrics.succeeded([final])
         return reply
