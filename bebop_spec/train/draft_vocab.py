@@ -10,11 +10,12 @@ the RL temperature, which the head must propose. Unseen tokens follow in id orde
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from bebop_spec.models.mtp_io import save_draft_vocab
+from bebop_spec.models.mtp_io import DRAFT_VOCAB_FILE, save_draft_vocab
 from bebop_spec.spec.draft_vocab import rank_tokens
 from bebop_spec.train.data import read_dataset
 
@@ -29,6 +30,13 @@ def build_draft_vocab(data: str | Path, head: str | Path, vocab_size: int) -> Pa
                for k in (1024, 2048, 4096, 8192, 16384) if k < vocab_size}  # fmt: skip
     return save_draft_vocab(head, ranked, source=str(data), tokens_counted=int(ids.numel()),
                             coverage=covered)  # fmt: skip
+
+
+def copy_draft_vocab(source: str | Path, head_dir: Path, size: int) -> None:
+    """Write source's draft_vocab.json into head_dir with `size` as the head's default."""
+    data = json.loads((Path(source) / DRAFT_VOCAB_FILE).read_text())
+    head_dir.mkdir(parents=True, exist_ok=True)
+    (head_dir / DRAFT_VOCAB_FILE).write_text(json.dumps({**data, "default_size": size}))
 
 
 def cmd_draft_vocab(argv: list[str]) -> int:

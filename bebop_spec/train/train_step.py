@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,15 +61,6 @@ def draft_ids(cfg: TrainConfig, vocab: int) -> Tensor | None:
     if not cfg.draft_vocab:
         return None
     return _draft_ids(str(cfg.draft_vocab), cfg.draft_vocab_size, vocab).to(cfg.device)
-
-
-def copy_draft_vocab(source: str | Path, head_dir: Path, size: int) -> None:
-    """Write source's draft_vocab.json into head_dir with `size` as the head's default."""
-    from bebop_spec.models.mtp_io import DRAFT_VOCAB_FILE
-
-    data = json.loads((Path(source) / DRAFT_VOCAB_FILE).read_text())
-    head_dir.mkdir(parents=True, exist_ok=True)
-    (head_dir / DRAFT_VOCAB_FILE).write_text(json.dumps({**data, "default_size": size}))
 
 
 def chain_loss(cfg: TrainConfig, target: nn.Module, head: nn.Module, batch: Batch,

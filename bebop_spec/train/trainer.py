@@ -31,6 +31,7 @@ from bebop_spec.train.chain import CONTEXTS
 from bebop_spec.train.checkpoint import load_checkpoint, save_checkpoint
 from bebop_spec.train.data import DistillDataset, iterate_batches, read_dataset
 from bebop_spec.train.distributed import World, close_world, init_world, shard_target
+from bebop_spec.train.draft_vocab import copy_draft_vocab
 from bebop_spec.train.losses import LOSSES
 from bebop_spec.train.train_log import (
     LOG_FILE,
@@ -39,13 +40,7 @@ from bebop_spec.train.train_log import (
     read_log,
     truncate_log,
 )
-from bebop_spec.train.train_step import (
-    chain_loss,
-    copy_draft_vocab,
-    evaluate_head,
-    lr_at,
-    optimizer_step,
-)
+from bebop_spec.train.train_step import chain_loss, evaluate_head, lr_at, optimizer_step
 
 LAYOUTS = ("qwen3_next", "deepseek_v3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
