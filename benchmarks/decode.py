@@ -299,10 +299,9 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from bebop_spec.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = sorted({r["batch"] for r in rows})
     engines = ["transformers", "bebop-none", "bebop-to", "bebop-rs", "bebop-rs-auto"]

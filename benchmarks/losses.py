@@ -220,10 +220,9 @@ def plot(results: dict[str, list[dict]], domains: list[str], out_png: Path) -> N
     """P(draft j accepted) per position at T = TEMPERATURE: a panel per (mode, domain), a
     line per loss."""
     results = _at(results, TEMPERATURE)
-    import matplotlib
+    from bebop_spec.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, len(domains), figsize=(4 * len(domains), 6.4), squeeze=False)
     for i, mode in enumerate(("rs", "to")):

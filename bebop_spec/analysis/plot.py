@@ -13,10 +13,9 @@ from bebop_spec.analysis.fit import Bucket, Fit
 def plot_groups(groups: Sequence[tuple[str, Fit, Sequence[Bucket]]], out: str | Path,
                 title: str = "Acceptance vs target entropy") -> Path:  # fmt: skip
     """groups: (label, fit, buckets) -> a PNG at `out` (matplotlib, Agg backend)."""
-    import matplotlib
+    from bebop_spec.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xmax = 0.5

@@ -145,10 +145,9 @@ SERIES = (("acceptance", "draft acceptance"), ("policy_entropy", "policy entropy
 def plot(runs: dict, summaries: dict, out: Path, labels: dict[str, str] | None = None) -> None:
     """out/rl_study.png (per-step series) and out/acceptance_vs_entropy.png (per-position fits)."""
     labels = labels or {}
-    import matplotlib
+    from bebop_spec.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from bebop_spec.analysis.plot import plot_groups
 

@@ -302,10 +302,9 @@ def format_table(rows: list[AcceptanceRow]) -> str:
 def plot_per_position(rows: list[AcceptanceRow], out_png: str | Path, title: str = "") -> Path:
     """P(draft j accepted) against j: one panel per (mode, T), a colour per domain, analytic
     solid and measured dashed."""
-    import matplotlib
+    from bebop_spec.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = sorted({(r.mode, r.temperature) for r in rows})
     domains = sorted({r.domain for r in rows})

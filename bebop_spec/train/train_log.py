@@ -32,10 +32,9 @@ def read_log(log_path: str | Path) -> list[dict]:
 
 def plot_training_curve(log_path: str | Path, out_png: str | Path) -> Path:
     """Loss and per-position soft acceptance against step, from the JSONL log, as a PNG."""
-    import matplotlib
+    from bebop_spec.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = read_log(log_path)
     if not records:
