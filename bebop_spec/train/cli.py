@@ -152,6 +152,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    "tokens, as the engine serves it (bebop mtp draft-vocab)")  # fmt: skip
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="also export the head every N steps to OUT/snapshots/step_N, for "
+                   "learning curves (benchmarks/learning_curve.py); 0: none")  # fmt: skip
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     g = p.add_mutually_exclusive_group()
@@ -179,6 +182,7 @@ def cmd_train(argv: list[str]) -> int:
                       gamma=args.gamma, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, warmup=args.warmup, grad_clip=args.grad_clip,
                       seed=args.seed, init_from=args.init_from, save_every=args.save_every,
+                      snapshot_every=args.snapshot_every,
                       layout=args.layout, chunk_size=args.chunk_size, log_every=args.log_every,
                       num_layers=args.num_layers, max_chains=args.max_chains,
                       weight_decay=args.weight_decay, min_lr_ratio=args.min_lr_ratio,

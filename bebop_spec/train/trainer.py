@@ -65,6 +65,7 @@ class TrainConfig:
     # "target": the checkpoint's own head; or a head dir
     init_from: str | None = None
     save_every: int = 200  # checkpoint every N steps (and at the end); 0: only at the end
+    snapshot_every: int = 0  # also export the head to out/snapshots/step_N every N steps (0: none)
     layout: str = "qwen3_next"  # parameter layout of a fresh head
     chunk_size: int = 8192  # vocab chunk of the TV losses
     log_every: int = 10
@@ -94,6 +95,7 @@ class TrainConfig:
             ("warmup", self.warmup >= 0, "must be >= 0"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("save_every", self.save_every >= 0, "must be >= 0"),
+            ("snapshot_every", self.snapshot_every >= 0, "must be >= 0"),
             ("layout", self.layout in LAYOUTS, f"must be one of {LAYOUTS}"),
             ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
@@ -257,6 +259,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             records.append(rec)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt, head, opt, done, cfg, loaded.config)
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            _export(head, snapshot_dir(out, done), cfg, loaded.config)
     bar.close()
     final = max(start, cfg.steps)
     head_dir = out / "head"
@@ -276,6 +280,11 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         head=head,
         records=records,
     )
+
+
+def snapshot_dir(out: Path, step: int) -> Path:
+    """Where TrainConfig.snapshot_every exports the head after `step` optimiser steps."""
+    return Path(out) / "snapshots" / f"step_{step:06d}"
 
 
 def _postfix(stats: dict) -> dict:
@@ -301,5 +310,6 @@ __all__ = [
     "optimizer_step",
     "plot_training_curve",
     "read_log",
+    "snapshot_dir",
     "train_mtp",
 ]

@@ -223,3 +223,25 @@ def test_last_layer_init_and_training_over_a_draft_vocabulary(tiny, tmp_path):
     assert sum(losses[-5:]) < sum(losses[:5])
     assert draft_vocab_default(result.head_dir) == 16
     assert load_draft_vocab(result.head_dir, 16, VOCAB) == ranked[:16]
+
+
+def test_snapshots_export_the_head_as_it_was_at_each_step(tiny, tmp_path):
+    """snapshot_every=2 over 4 steps exports step_000002 and step_000004 as loadable heads: the
+    last equals the final head exactly; the step-2 one is an intermediate state (differs from
+    both the final head and the seeded fresh init)."""
+    from bebop_spec.train.trainer import snapshot_dir
+
+    cfg = _cfg(tiny, tmp_path / "a", steps=4, snapshot_every=2, loss="tv")
+    result = train_mtp(cfg)
+    snaps = sorted(p.name for p in (tmp_path / "a" / "snapshots").iterdir())
+    assert snaps == ["step_000002", "step_000004"]
+
+    def weights(head_dir):
+        return load_model(cfg.model, mtp=head_dir).mtp.state_dict()
+
+    final, last, mid = (weights(d) for d in (result.head_dir, snapshot_dir(cfg.out_dir, 4),
+                                               snapshot_dir(cfg.out_dir, 2)))  # fmt: skip
+    assert all(torch.equal(last[k], v) for k, v in final.items())
+    assert not all(torch.equal(mid[k], v) for k, v in final.items())
+    fresh = init_mtp_head(load_model(cfg.model).config, cfg.layout, 1, cfg.seed).state_dict()
+    assert not all(torch.equal(mid[k], v.to(mid[k].dtype)) for k, v in fresh.items() if k in mid)
