@@ -30,6 +30,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k alternatives
     raw_logprobs: bool = False  # also report log softmax of the unprocessed (T=1) logits
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # leave special tokens (EOS, ...) out of the text
     presence_penalty: float = 0.0  # minus penalty for each token already in the output
     frequency_penalty: float = 0.0  # minus penalty x its count in the output
     repetition_penalty: float = 1.0  # tokens of prompt + output: x>0 -> x/r, x<=0 -> x*r

@@ -66,6 +66,7 @@ def sampling_params_dict(params: SamplingParams) -> dict[str, Any]:
         "stop_token_ids": list(params.stop_token_ids) or None,
         "ignore_eos": params.ignore_eos,
         "no_stop_trim": params.include_stop_str_in_output,
+        "skip_special_tokens": params.skip_special_tokens,
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,
         "repetition_penalty": params.repetition_penalty,

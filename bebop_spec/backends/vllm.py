@@ -83,6 +83,7 @@ def sampling_params_kwargs(params: SamplingParams) -> dict[str, Any]:
         "max_tokens": params.max_tokens,
         "logprobs": params.logprobs,
         "include_stop_str_in_output": params.include_stop_str_in_output,
+        "skip_special_tokens": params.skip_special_tokens,
         "presence_penalty": params.presence_penalty,
         "frequency_penalty": params.frequency_penalty,
         "repetition_penalty": params.repetition_penalty,

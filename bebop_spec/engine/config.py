@@ -33,9 +33,19 @@ WEIGHT_SELECTORS = tuple(m.value for m in WeightSelector)  # ("target", "draft",
 
 
 DRAFT_MODE_OFF = "none"  # the command line's (and metrics') spelling of draft_mode=None
-# "auto": each decode step chooses γ_t in 0..num_speculative_tokens for the best expected
-# tokens/s (engine/gamma.py); "fixed": every decode step drafts num_speculative_tokens.
-SPEC_POLICIES = ("auto", "fixed")
+
+
+class SpecPolicy(StrEnum):
+    """How many tokens each decode step drafts (when speculation is on)."""
+
+    # γ_t in 0..num_speculative_tokens per step, for the best expected tokens/s measured
+    # from step timings (engine/gamma.py); never slower than plain decoding by design
+    AUTO = "auto"
+    # num_speculative_tokens every step: seeded samples are reproducible (no timing input)
+    FIXED = "fixed"
+
+
+SPEC_POLICIES = tuple(m.value for m in SpecPolicy)  # ("auto", "fixed")
 
 
 @dataclass
@@ -44,7 +54,7 @@ class EngineConfig:
     mtp: str | None = None  # separate MTP head directory (default: the model directory's own head)
     num_speculative_tokens: int = 3  # γ (fixed policy) or γ_max (auto policy)
     draft_mode: str | None = "rs"  # rs: exact rejection sampling; to: greedy drafts; none/None: off
-    spec_policy: str = "auto"  # "auto" | "fixed" (see SPEC_POLICIES)
+    spec_policy: str = SpecPolicy.AUTO  # a SpecPolicy (its string accepted): auto | fixed
     max_num_seqs: int = 64  # most sequences decoded together
     max_model_len: int | None = None  # context length (default: the model's max positions)
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests are refused (HTTP 503)
@@ -72,6 +82,7 @@ class EngineConfig:
             self.draft_mode = DraftMode(self.draft_mode)
         if self.spec_policy not in SPEC_POLICIES:
             raise ValueError(f"spec_policy={self.spec_policy!r} must be auto or fixed")
+        self.spec_policy = SpecPolicy(self.spec_policy)
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
         if self.max_num_seqs < 1:

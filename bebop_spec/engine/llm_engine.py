@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from bebop_spec.engine.block_manager import BlockManager
-from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.config import EngineConfig, SpecPolicy
 from bebop_spec.engine.gamma import GammaController
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
 from bebop_spec.engine.postprocess import append_step, refresh_text
@@ -56,7 +56,7 @@ class LLMEngine:
         self.spec_totals = SpecStats()
         self.gamma_policy = (
             GammaController(config.num_speculative_tokens)
-            if self.runner.speculative and config.spec_policy == "auto"
+            if self.runner.speculative and config.spec_policy == SpecPolicy.AUTO
             else None
         )
         self.observers: list[Callable[[StepStats], None]] = []
@@ -201,7 +201,7 @@ class LLMEngine:
 
         Under auto a seeded request is exactly distributed but not bit-reproducible: the sample
         a seed produces depends on the draft lengths it was drawn under, which follow measured
-        timings. spec_policy="fixed" (or no speculation) makes seeded samples reproducible."""
+        timings. SpecPolicy.FIXED (or no speculation) makes seeded samples reproducible."""
         if batch.kind != "decode" or not self.runner.speculative:
             return 0
         if self.gamma_policy is None:

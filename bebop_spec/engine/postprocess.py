@@ -43,8 +43,12 @@ def refresh_text(seq: Sequence, tokenizer: Any | None) -> None:
     if tokenizer is None or seq.text_tokens == len(seq.token_ids):
         return
     if not (seq.is_finished and isinstance(seq.stop_reason, str)):  # else: cut at the stop
-        seq.text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+        seq.text = _decode(seq, tokenizer)
     seq.text_tokens = len(seq.token_ids)
+
+
+def _decode(seq: Sequence, tokenizer: Any) -> str:
+    return tokenizer.decode(seq.token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
 
 def _check_token_stop(seq: Sequence, tok: int, eos_ids: set[int], max_model_len: int) -> bool:
@@ -58,7 +62,7 @@ def _check_token_stop(seq: Sequence, tok: int, eos_ids: set[int], max_model_len:
 
 def _check_stop_string(seq: Sequence, tokenizer: Any) -> bool:
     """Look for a stop string in the text's tail; truncate the text at the first match."""
-    text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+    text = _decode(seq, tokenizer)
     longest = max(len(s) for s in seq.params.stop)
     tail_from = max(0, len(seq.text) - longest)
     best: tuple[int, str] | None = None

@@ -108,6 +108,7 @@ def test_vllm_sampling_params_mapping():
     )
     assert kw["top_k"] == 0 and kw["top_p"] == 0.9 and kw["min_p"] == 0.1 and kw["stop"] == ["x"]
     assert kw["logprobs"] == 2 and kw["seed"] == 3 and kw["stop_token_ids"] is None
+    assert kw["skip_special_tokens"] is True
     kw = vllm_backend.sampling_params_kwargs(
         SamplingParams(
             repetition_penalty=1.2,
@@ -115,9 +116,11 @@ def test_vllm_sampling_params_mapping():
             frequency_penalty=0.3,
             min_tokens=2,
             logit_bias={4: -1.0},
+            skip_special_tokens=False,
         )
     )
     assert kw["repetition_penalty"] == 1.2 and kw["presence_penalty"] == 0.5
+    assert kw["skip_special_tokens"] is False
     assert kw["frequency_penalty"] == 0.3
     assert kw["min_tokens"] == 2 and kw["logit_bias"] == {4: -1.0}
 
@@ -260,13 +263,19 @@ def test_sglang_engine_args_and_params(model_dir):
 
 
 def test_sglang_sampling_params_pass_penalties():
-    """Penalties, min_tokens and logit_bias reach SGLang under its names, never dropped."""
+    """Penalties, min_tokens, logit_bias and skip_special_tokens reach SGLang under its
+    names, never dropped."""
     p = sglang_backend.sampling_params_dict(
         SamplingParams(
-            repetition_penalty=1.2, frequency_penalty=0.3, min_tokens=2, logit_bias={4: -1.0}
+            repetition_penalty=1.2,
+            frequency_penalty=0.3,
+            min_tokens=2,
+            logit_bias={4: -1.0},
+            skip_special_tokens=False,
         )
     )
     assert p["repetition_penalty"] == 1.2 and p["frequency_penalty"] == 0.3
+    assert p["skip_special_tokens"] is False
     assert p["min_new_tokens"] == 2 and p["logit_bias"] == {"4": -1.0}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bebop_spec import SamplingParams
-from bebop_spec.engine.config import EngineConfig
+from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig, SpecPolicy
 from bebop_spec.engine.gamma import GammaController, bucket, expected_tokens
 from bebop_spec.engine.llm_engine import LLMEngine
 from bebop_spec.engine.runner import MAX_PENDING
@@ -187,3 +187,14 @@ def test_auto_greedy_equals_plain(tiny_model, one_thread):
         outs[name] = done
     assert outs["auto"] == outs["plain"]
     assert auto.gamma_policy is not None and sum(auto.gamma_policy.chosen) > 0
+
+
+def test_spec_policy_is_one_vocabulary():
+    """The policy names the CLI offers are SpecPolicy's values; EngineConfig turns the
+    string it is given into the member (equal to that string) and refuses any other."""
+    assert SPEC_POLICIES == ("auto", "fixed") == tuple(SpecPolicy)
+    config = EngineConfig(model="x", spec_policy="fixed")
+    assert config.spec_policy is SpecPolicy.FIXED and config.spec_policy == "fixed"
+    assert EngineConfig(model="x").spec_policy is SpecPolicy.AUTO
+    with pytest.raises(ValueError, match="must be auto or fixed"):
+        EngineConfig(model="x", spec_policy="greedy")

@@ -146,3 +146,19 @@ def test_generate_with_text_and_logprob_text(server):
         isinstance(text, str) for *_, text in triples
     )  # per-token decode (may be partial UTF-8)
     assert out["text"]
+
+
+def test_skip_special_tokens(client, model_dir):
+    """Special tokens are left out of the text by default (OpenAI / vLLM) and kept with
+    skip_special_tokens=false, in completions and chat alike: a +100 logit bias on EOS with
+    ignore_eos makes greedy decoding emit exactly three <|im_end|> tokens."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(str(model_dir)).eos_token_id
+    kw = dict(model="tiny", max_tokens=3, temperature=0, logit_bias={str(eos): 100})
+    for skip, text in ((True, ""), (False, "<|im_end|>" * 3)):
+        body = {"ignore_eos": True, "skip_special_tokens": skip}
+        c = client.completions.create(prompt="Hello", extra_body=body, **kw).choices[0]
+        m = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}],
+                                           extra_body=body, **kw).choices[0].message  # fmt: skip
+        assert c.text == text and m.content == text

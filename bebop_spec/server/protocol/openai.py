@@ -28,22 +28,20 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # ext (vLLM)
 
 
-class CompletionRequest(_Request):
+class _SamplingRequest(_Request):
+    """The fields completions and chat completions share, in OpenAI order (model, sampling,
+    stop, stream, user), then the vLLM extensions. Each request adds its own: the prompt or
+    messages, `logprobs` (a count for completions, a flag for chat) and `max_tokens`."""
+
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    echo: bool = False
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, only score the prompt
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None
     temperature: float | None = _TEMPERATURE
     top_p: float | None = _TOP_P
     user: str | None = None
@@ -55,8 +53,18 @@ class CompletionRequest(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool = True  # drop special tokens (EOS, ...) from the text
     return_token_ids: bool = False
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, only score the prompt
+    suffix: str | None = None
+    # ext
     prompt_logprobs: int | None = Field(default=None, ge=0)
     logprob_token_ids: list[int] | None = None  # these ids' logprobs instead of the top-k
 
@@ -79,37 +87,16 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1)
-    presence_penalty: float | None = 0.0
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = _TEMPERATURE
-    top_p: float | None = _TOP_P
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    user: str | None = None
     # ext
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = None
-    min_tokens: int | None = Field(default=None, ge=0)
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    return_token_ids: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -174,6 +174,7 @@ class GenerateServing(EngineServing):
             ignore_eos=bool(sp.ignore_eos),
             logprobs=top if (logprob or top) else None,
             include_stop_str_in_output=bool(sp.no_stop_trim),
+            skip_special_tokens=sp.skip_special_tokens is not False,  # null: the default
             frequency_penalty=sp.frequency_penalty,
             presence_penalty=sp.presence_penalty,
             repetition_penalty=sp.repetition_penalty,

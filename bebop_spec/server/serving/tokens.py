@@ -67,6 +67,7 @@ class TokensServing:
             n=sp.n, seed=sp.seed, stop=stop, stop_token_ids=sp.stop_token_ids,
             ignore_eos=sp.ignore_eos, logprobs=sp.logprobs,
             include_stop_str_in_output=sp.include_stop_str_in_output,
+            skip_special_tokens=sp.skip_special_tokens,
             presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
             repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_tokens,
             logit_bias=sp.logit_bias,
