@@ -2,7 +2,7 @@
 
     python benchmarks/learning_curve.py --model ~/.cache/bebop/models/SmolLM2-135M-Instruct \
         --train-data D1 [D2 ...] --heldout-data H --sizes 25000 50000 0 --steps 160 \
-        --eval-every 40 --loss nla --draft-vocab bebop_spec/heads/smollm2-135m-instruct-e2e-tv \
+        --eval-every 40 --loss nla --draft-vocab bebop_spec/heads/smollm2-135m-instruct \
         --cache-hiddens                                       # docs/head_study.md
 
 The training datasets (`bebop mtp data` dirs) are pooled and shuffled once (--seed); each size

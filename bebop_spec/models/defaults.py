@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"
-DEFAULT_HEAD = HEADS_DIR / "smollm2-135m-instruct-e2e-tv"
+DEFAULT_HEAD = HEADS_DIR / "smollm2-135m-instruct"
 DEMO = "demo"  # the model name that selects the built-in demo model
 
 

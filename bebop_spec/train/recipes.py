@@ -15,18 +15,23 @@ import json
 from pathlib import Path
 
 # SmolLM2-135M-Instruct's head, budgeted for a 2-core CPU (fp32: this machine has no bf16
-# units): 48 demo prompts per domain (math / code / agent) sampled at T = 1 up to 160 tokens,
-# 30 steps of forward KL from a fresh head, then 40 of e2e-TV over γ = 3 chains.
+# units): 256 demo prompts per domain (math / code / agent) sampled at T = 1 up to 160 tokens
+# (~100 k response tokens), then 160 steps of `nla` (−log Σ min(p, q), the objective that won
+# the loss study from a fresh head: docs/head_study.md) over γ = 3 chains, drafting over the
+# data's 8,192 most frequent tokens, the target's hiddens cached once.
 RECIPES: dict[str, dict] = {
     "smollm2": {
-        "num_prompts": 48,
+        "num_prompts": 256,
         "max_tokens": 160,
-        "warm_steps": 30,
-        "steps": 40,
+        "warm_steps": 0,
+        "steps": 160,
         "gamma": 3,
-        "loss": "e2e_tv",
-        "seed": 0,
-        "data": {"max_num_seqs": 48, "max_model_len": 1024, "dtype": "float32"},
+        "loss": "nla",
+        "lr": 5e-4,
+        "seed": 1,
+        "draft_vocab_size": 8192,
+        "cache_hiddens": True,
+        "data": {"max_num_seqs": 64, "max_model_len": 1024, "dtype": "float32"},
         "train": {
             "batch_size": 8,
             "seq_len": 320,
