@@ -9,16 +9,17 @@ At most `max_concurrency` requests are in flight per client; the rest wait their
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
-from bebop_client.base import ClientBase, Params, json_of
+from bebop_client.base import ClientBase, Params, json_of, num_aborted, weight_version_of
+from bebop_client.calls import arun
 from bebop_client.metrics import Metrics, parse_metrics
-from bebop_client.sample import Sample, parse_sample
-from bebop_client.transport import MAYBE_RUNNING, Attempts
+from bebop_client.sample import Sample
+from bebop_client.vocab import PauseMode
 
 
 class AsyncRolloutClient(ClientBase):
@@ -47,20 +48,8 @@ class AsyncRolloutClient(ClientBase):
     # ------------------------------------------------------------------ HTTP
     async def request(self, method: str, path: str, *, url: str | None = None,
                       timeout: float | None = None, **kwargs: Any) -> httpx.Response:  # fmt: skip
-        attempts = Attempts(self.retry, self.pool, url, what=f"{method} {path}")
-        headers = {**self.headers, **kwargs.pop("headers", {})}
-        while True:
-            server = attempts.next_url()
-            try:
-                resp = await self._http.request(method, server + path, headers=headers,
-                                                timeout=self._timeout(timeout), **kwargs)  # fmt: skip
-            except httpx.HTTPError as exc:
-                await asyncio.sleep(attempts.failed(server, exc))
-                continue
-            delay = attempts.answered(server, resp)
-            if delay is None:
-                return resp
-            await asyncio.sleep(delay)
+        """One call with retries; `url=None` lets the pool choose the server."""
+        return await arun(self._request_plan(method, path, url, timeout, kwargs), self._http)
 
     async def post(self, path: str, body: Any = None, *, url: str | None = None, **kw: Any) -> Any:
         resp = await self.request("POST", path, url=url, json=body, **kw)
@@ -92,37 +81,8 @@ class AsyncRolloutClient(ClientBase):
 
     async def _one(self, body: dict[str, Any], prompt_ids: Sequence[int],
                    timeout: float | None) -> Sample:  # fmt: skip
-        rid = body["rid"]
-        attempts = Attempts(self.retry, self.pool, what=f"generate {rid}")
         async with self._semaphore():
-            while True:
-                url = attempts.next_url()
-                sent = self._retry_rid(body, rid, attempts)
-                self._track(sent, url)
-                self.pool.begin(url)
-                try:
-                    resp = await self._http.post(url + "/generate", json=body, headers=self.headers,
-                                                 timeout=self._timeout(timeout))  # fmt: skip
-                except httpx.HTTPError as exc:
-                    if isinstance(exc, MAYBE_RUNNING):  # the server may still be generating it
-                        await self._abort_quietly(url, sent)
-                    await asyncio.sleep(attempts.failed(url, exc))
-                    continue
-                except asyncio.CancelledError:  # the caller gave up: free the server's slot
-                    await asyncio.shield(self._abort_quietly(url, sent))
-                    raise
-                finally:
-                    self.pool.end(url)
-                    self._track(sent, None)
-                delay = attempts.answered(url, resp)
-                if delay is None:
-                    return parse_sample(json_of(resp, "/generate"), prompt_ids, rid, url)
-                await asyncio.sleep(delay)
-
-    async def _abort_quietly(self, url: str, rid: str) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            await self._http.post(url + "/abort_request", json={"rid": rid}, headers=self.headers,
-                                  timeout=self.connect_timeout_s)  # fmt: skip
+            return await arun(self._generate_plan(body, prompt_ids, timeout), self._http)
 
     # --------------------------------------------------------------- control
     async def abort(self, rid: str) -> int:
@@ -130,26 +90,34 @@ class AsyncRolloutClient(ClientBase):
         replies = await asyncio.gather(
             *(self.post("/abort_request", {"rid": rid}, url=u) for u in self._servers_of(rid))
         )
-        return sum(int((r or {}).get("num_aborted", 0)) for r in replies)
+        return num_aborted(replies)
 
     async def abort_all(self) -> int:
-        replies = await self.each("/abort_request", {"abort_all": True})
-        return sum(int((r or {}).get("num_aborted", 0)) for r in replies.values())
+        return num_aborted((await self.each("/abort_request", {"abort_all": True})).values())
 
-    async def pause(self, mode: str = "in_place") -> None:
+    async def pause(self, mode: str = PauseMode.IN_PLACE) -> None:
+        """Pause every server; the modes are RolloutClient.pause's."""
         await self.each("/pause_generation", {"mode": mode})
 
     async def resume(self) -> None:
         await self.each("/continue_generation", {})
 
+    async def flush_cache(self) -> None:
+        await asyncio.gather(*(self.request("POST", "/flush_cache", url=u) for u in self.urls))
+
     async def weight_versions(self) -> dict[str, str]:
+        """{url: weight_version label} of every server."""
         replies = await asyncio.gather(*(self.get("/get_weight_version", url=u) for u in self.urls))
-        return {u: str(r["weight_version"]) for u, r in zip(self.urls, replies, strict=True)}
+        return {u: weight_version_of(r) for u, r in zip(self.urls, replies, strict=True)}
 
     async def model_info(self, url: str | None = None) -> dict[str, Any]:
         return await self.get("/get_model_info", url=url or self.urls[0])
 
+    async def server_info(self, url: str | None = None) -> dict[str, Any]:
+        return await self.get("/get_server_info", url=url or self.urls[0])
+
     async def health(self, url: str | None = None) -> bool:
+        """True when `url` (default: every server) answers /health with 200; no retries."""
         try:
             codes = [(await self._http.get(u + "/health", timeout=self.connect_timeout_s)).status_code
                      for u in ([url] if url else self.urls)]  # fmt: skip
@@ -157,6 +125,17 @@ class AsyncRolloutClient(ClientBase):
             return False
         return all(c == 200 for c in codes)
 
+    async def wait_ready(self, timeout: float = 300.0, interval: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.health():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"servers not healthy after {timeout}s: {self.urls}")
+            await asyncio.sleep(interval)
+
+    # --------------------------------------------------------------- metrics
+    async def metrics_text(self, url: str | None = None) -> str:
+        return (await self.request("GET", "/metrics", url=url or self.urls[0])).text
+
     async def metrics(self, url: str | None = None) -> Metrics:
-        resp = await self.request("GET", "/metrics", url=url or self.urls[0])
-        return parse_metrics(resp.text)
+        """Parsed /metrics of one server (default: the first)."""
+        return parse_metrics(await self.metrics_text(url))

@@ -1,16 +1,18 @@
-"""State and helpers shared by the sync and async clients (no I/O here)."""
+"""State, request building and reply parsing shared by the sync and async clients (no I/O
+here: each call is a plan of bebop_client.calls that the client drives with its own I/O)."""
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
 
+from bebop_client.calls import Plan, Send, retried
 from bebop_client.errors import ProtocolError
-from bebop_client.sample import generate_body, sample_params
+from bebop_client.sample import Sample, generate_body, parse_sample, sample_params
 from bebop_client.transport import Attempts, EndpointPool, RetryPolicy
 
 Params = Mapping[str, Any] | None
@@ -77,6 +79,42 @@ class ClientBase:
         )
         return body["rid"]
 
+    def _request_plan(self, method: str, path: str, url: str | None, timeout: float | None,
+                      kwargs: dict[str, Any]) -> Plan[httpx.Response]:  # fmt: skip
+        """One call with retries; `url=None` lets the pool choose the server."""
+        attempts = Attempts(self.retry, self.pool, url, what=f"{method} {path}")
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        sent = {"headers": headers, "timeout": self._timeout(timeout), **kwargs}
+        _, resp = yield from retried(attempts, lambda u: (Send(method, u + path, sent), _no_op))
+        return resp
+
+    def _generate_plan(self, body: dict[str, Any], prompt_ids: Sequence[int],
+                       timeout: float | None) -> Plan[Sample]:  # fmt: skip
+        """One sample's /generate with retries: a fresh rid after a try that may have been
+        delivered, the rid tracked while in flight (for abort), orphaned tries aborted."""
+        rid = body["rid"]
+        attempts = Attempts(self.retry, self.pool, what=f"generate {rid}")
+
+        def try_at(url: str) -> tuple[Send, Any]:
+            sent = self._retry_rid(body, rid, attempts)
+            self._track(sent, url)
+            self.pool.begin(url)
+
+            def done() -> None:
+                self.pool.end(url)
+                self._track(sent, None)
+
+            kwargs = {"json": body, "headers": self.headers, "timeout": self._timeout(timeout)}
+            return Send("POST", url + "/generate", kwargs, abort=self._abort_send(url, sent)), done
+
+        url, resp = yield from retried(attempts, try_at)
+        return parse_sample(json_of(resp, "/generate"), prompt_ids, rid, url)
+
+    def _abort_send(self, url: str, rid: str) -> Send:
+        """A best-effort /abort_request of `rid` on `url` (no retries, connect timeout)."""
+        kwargs = {"json": {"rid": rid}, "headers": self.headers, "timeout": self.connect_timeout_s}
+        return Send("POST", url + "/abort_request", kwargs, quiet=True)
+
     def _track(self, rid: str, url: str | None) -> None:
         with self._lock:
             if url is None:
@@ -96,3 +134,16 @@ def json_of(resp: httpx.Response, what: str) -> Any:
         return resp.json()
     except ValueError as exc:
         raise ProtocolError(f"{what}: reply is not JSON: {resp.text[:200]!r}") from exc
+
+
+def _no_op() -> None:
+    pass
+
+
+def num_aborted(replies: Iterable[Any]) -> int:
+    """Requests the servers aborted, summed over their /abort_request replies."""
+    return sum(int((r or {}).get("num_aborted", 0)) for r in replies)
+
+
+def weight_version_of(reply: Any) -> str:
+    return str(reply["weight_version"])

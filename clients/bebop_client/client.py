@@ -11,7 +11,6 @@ several servers and one slow sample never holds the others back.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from bebop_client.base import ClientBase, Params, json_of
+from bebop_client.base import ClientBase, Params, json_of, num_aborted, weight_version_of
+from bebop_client.calls import run
 from bebop_client.metrics import Metrics, parse_metrics
-from bebop_client.sample import Sample, parse_sample
-from bebop_client.transport import MAYBE_RUNNING, Attempts
+from bebop_client.sample import Sample
 from bebop_client.vocab import PauseMode
 
 
@@ -52,20 +51,7 @@ class RolloutClient(ClientBase):
     def request(self, method: str, path: str, *, url: str | None = None,
                 timeout: float | None = None, **kwargs: Any) -> httpx.Response:  # fmt: skip
         """One call with retries; `url=None` lets the pool choose the server."""
-        attempts = Attempts(self.retry, self.pool, url, what=f"{method} {path}")
-        headers = {**self.headers, **kwargs.pop("headers", {})}
-        while True:
-            server = attempts.next_url()
-            try:
-                resp = self._http.request(method, server + path, headers=headers,
-                                          timeout=self._timeout(timeout), **kwargs)  # fmt: skip
-            except httpx.HTTPError as exc:
-                time.sleep(attempts.failed(server, exc))
-                continue
-            delay = attempts.answered(server, resp)
-            if delay is None:
-                return resp
-            time.sleep(delay)
+        return run(self._request_plan(method, path, url, timeout, kwargs), self._http)
 
     def post(self, path: str, body: Any = None, *, url: str | None = None, **kw: Any) -> Any:
         resp = self.request("POST", path, url=url, json=body, **kw)
@@ -110,44 +96,17 @@ class RolloutClient(ClientBase):
     def _one(
         self, body: dict[str, Any], prompt_ids: Sequence[int], timeout: float | None
     ) -> Sample:
-        rid = body["rid"]
-        attempts = Attempts(self.retry, self.pool, what=f"generate {rid}")
-        while True:
-            url = attempts.next_url()
-            sent = self._retry_rid(body, rid, attempts)
-            self._track(sent, url)
-            self.pool.begin(url)
-            try:
-                resp = self._http.post(url + "/generate", json=body, headers=self.headers,
-                                       timeout=self._timeout(timeout))  # fmt: skip
-            except httpx.HTTPError as exc:
-                if isinstance(exc, MAYBE_RUNNING):  # the server may still be generating it
-                    self._abort_quietly(url, sent)
-                time.sleep(attempts.failed(url, exc))
-                continue
-            finally:
-                self.pool.end(url)
-                self._track(sent, None)
-            delay = attempts.answered(url, resp)
-            if delay is None:
-                return parse_sample(json_of(resp, "/generate"), prompt_ids, rid, url)
-            time.sleep(delay)
-
-    def _abort_quietly(self, url: str, rid: str) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            self._http.post(url + "/abort_request", json={"rid": rid}, headers=self.headers,
-                            timeout=self.connect_timeout_s)  # fmt: skip
+        return run(self._generate_plan(body, prompt_ids, timeout), self._http)
 
     # --------------------------------------------------------------- control
     def abort(self, rid: str) -> int:
         """Abort `rid` (or a group started with that rid); its samples come back with
         finish_reason "abort". Returns how many requests the servers aborted."""
         replies = [self.post("/abort_request", {"rid": rid}, url=u) for u in self._servers_of(rid)]
-        return sum(int((r or {}).get("num_aborted", 0)) for r in replies)
+        return num_aborted(replies)
 
     def abort_all(self) -> int:
-        return sum(int((r or {}).get("num_aborted", 0))
-                   for r in self.each("/abort_request", {"abort_all": True}).values())  # fmt: skip
+        return num_aborted(self.each("/abort_request", {"abort_all": True}).values())
 
     def pause(self, mode: str = PauseMode.IN_PLACE) -> None:
         """Pause every server: "in_place" keeps requests and resumes them later, "abort"
@@ -163,7 +122,7 @@ class RolloutClient(ClientBase):
 
     def weight_versions(self) -> dict[str, str]:
         """{url: weight_version label} of every server."""
-        return {u: str(self.get("/get_weight_version", url=u)["weight_version"]) for u in self.urls}
+        return {u: weight_version_of(self.get("/get_weight_version", url=u)) for u in self.urls}
 
     def model_info(self, url: str | None = None) -> dict[str, Any]:
         return self.get("/get_model_info", url=url or self.urls[0])
