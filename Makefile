@@ -1,5 +1,5 @@
 # Fresh-machine entry points. torch is pinned to the local CPU build (an unpinned torch pulls
-# several GB of CUDA wheels).
+# several GB of CUDA wheels). bebop-spec depends on bebop-client (./clients): install both.
 PY ?= python
 TORCH ?= torch==2.13.0
 
@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e .
+	$(PY) -m pip install -e ./clients -e .
 
 install-dev:
 	$(PY) -m pip install $(TORCH)

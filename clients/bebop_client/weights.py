@@ -34,6 +34,7 @@ from bebop_client.errors import (
     VersionConflict,
     WeightSyncError,
 )
+from bebop_client.process_group import init_custom_process_group, tcp_init_method
 from bebop_client.tensors import (
     StateDict,
     buckets,
@@ -218,8 +219,8 @@ class WeightSync:
 
         def host() -> None:
             try:
-                result["pg"] = D.init_custom_process_group(
-                    backend, D.tcp_init_method(master_address, master_port), world, 0,
+                result["pg"] = init_custom_process_group(
+                    backend, tcp_init_method(master_address, master_port), world, 0,
                     group_name, timeout_s)  # fmt: skip
             except Exception as exc:
                 result["error"] = exc

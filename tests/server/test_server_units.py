@@ -1,5 +1,6 @@
 """Server pieces that need no running server: protocol models, version spans, weight-update
-checks and the flattened-bucket layout, safetensors decoding, metrics rendering, config."""
+checks, safetensors decoding, metrics rendering, config. (The flattened-bucket layout has
+its home in bebop_client.bucket: tests/clients/test_client_bucket.py.)"""
 
 from __future__ import annotations
 
@@ -22,11 +23,7 @@ from bebop_spec.server.metrics import ServerMetrics, entropy_bucket
 from bebop_spec.server.protocol.openai import ChatCompletionRequest, CompletionRequest
 from bebop_spec.server.protocol.sglang import GenerateRequest, SGLangSamplingParams
 from bebop_spec.server.serving.common import version_spans
-from bebop_spec.server.weight_sync.tensors import (
-    load_safetensors_bytes,
-    parse_dtype,
-    unflatten_bucket,
-)
+from bebop_spec.server.weight_sync.tensors import load_safetensors_bytes, parse_dtype
 
 SPEC = {"w": ((2, 3), torch.float32), "b": ((3,), torch.float32)}
 
@@ -63,35 +60,6 @@ def test_check_update_rejects_whole_update(tensors, why):
     """Any problem in any tensor rejects the whole update, naming the problem."""
     with pytest.raises(WeightUpdateError, match=why):
         check_update(tensors, SPEC)
-
-
-def test_flattened_bucket_matches_sglang_layout():
-    """`flattened_bucket` = tensors' bytes back to back in names order (SGLang's
-    FlattenedTensorBucket: flatten().view(uint8), concatenated), mixed dtypes included."""
-    named = {"a": torch.randn(2, 3), "b": torch.randn(6).to(torch.bfloat16), "c": torch.randn(4, 1)}
-    buffer = torch.cat([t.flatten().view(torch.uint8) for t in named.values()])
-    out = unflatten_bucket(
-        buffer,
-        list(named),
-        [t.dtype for t in named.values()],
-        [list(t.shape) for t in named.values()],
-    )
-    for k, t in named.items():
-        assert torch.equal(out[k], t)
-    with pytest.raises(WeightUpdateError, match="bucket holds"):
-        unflatten_bucket(
-            buffer[:-1],
-            list(named),
-            [t.dtype for t in named.values()],
-            [list(t.shape) for t in named.values()],
-        )
-    with pytest.raises(WeightUpdateError, match="unaligned"):
-        unflatten_bucket(
-            torch.zeros(6, dtype=torch.uint8),
-            ["x", "y"],
-            [torch.bfloat16, torch.float32],
-            [[1], [1]],
-        )
 
 
 def _st(header: object, data: bytes = b"") -> bytes:

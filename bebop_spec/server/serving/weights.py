@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 
 import torch
+from bebop_client.bucket import nbytes
 
 from bebop_spec.backends import ServingBackend
 from bebop_spec.engine.weights import check_update, tied_aliases
@@ -28,7 +29,6 @@ from bebop_spec.server.weight_sync.group import WeightUpdateGroup
 from bebop_spec.server.weight_sync.tensors import (
     load_safetensors_bytes,
     load_safetensors_dir,
-    nbytes,
     parse_dtype,
     select_known,
 )

@@ -5,56 +5,26 @@ TCP rendezvous at `tcp://master_address:master_port`, the store wrapped in
 trainer is rank 0 and broadcasts; this server joins at `rank_offset`. All blocking
 collectives run on one dedicated thread per group, so the event loop keeps serving while a
 broadcast is in flight, and operations on one group stay ordered.
+
+The wire contract (how the group is formed, the flattened-bucket layout) has one home, the
+trainer's package: bebop_client.process_group and bebop_client.bucket, which both ends call.
+`init_custom_process_group` stays importable from here for trainers and tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
+from bebop_client.bucket import nbytes, unflatten_bucket
+from bebop_client.process_group import init_custom_process_group, tcp_init_method
 
 from bebop_spec.errors import WeightUpdateError
-from bebop_spec.server.weight_sync.tensors import nbytes, unflatten_bucket
 
-
-def init_custom_process_group(
-    backend: str,
-    init_method: str,
-    world_size: int,
-    rank: int,
-    group_name: str,
-    timeout: datetime.timedelta | None = None,
-) -> dist.ProcessGroup:
-    """Join (or, at rank 0, host) a process group without touching the default group.
-
-    Same steps as `sglang.srt.utils.common.init_custom_process_group` (and the helper slime
-    and AReaL trainers call on their side), so either end may be SGLang's or ours."""
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-        default_pg_timeout,
-        rendezvous,
-    )
-
-    timeout = timeout or default_pg_timeout
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
-    pg, _ = _new_process_group_helper(
-        world_size, rank, [], Backend(backend), store, group_name=group_name, timeout=timeout
-    )
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
-
-
-def tcp_address(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+__all__ = ["WeightUpdateGroup", "init_custom_process_group"]
 
 
 class WeightUpdateGroup:
@@ -62,7 +32,7 @@ class WeightUpdateGroup:
 
     def __init__(self, name: str, backend: str, device: str, timeout_s: float) -> None:
         self.name, self.backend, self.device = name, backend, device
-        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
         self.pg: dist.ProcessGroup | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wgroup-{name}")
 
@@ -73,11 +43,11 @@ class WeightUpdateGroup:
         def init() -> None:
             self.pg = init_custom_process_group(
                 self.backend,
-                tcp_address(master_address, master_port),
+                tcp_init_method(master_address, master_port),
                 world_size,
                 rank,
                 self.name,
-                self.timeout,
+                self.timeout_s,
             )
 
         await self._run(init)

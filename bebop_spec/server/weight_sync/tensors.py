@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from bebop_client.bucket import nbytes
 
 from bebop_spec.engine.weights import Spec
 from bebop_spec.errors import ModelLoadError, WeightUpdateError
@@ -149,34 +150,6 @@ def load_safetensors_dir(
         return Checkpoint(p).read()
     except ModelLoadError as exc:
         raise WeightUpdateError(str(exc)) from exc
-
-
-def unflatten_bucket(
-    buffer: torch.Tensor,
-    names: Sequence[str],
-    dtypes: Sequence[torch.dtype],
-    shapes: Sequence[Sequence[int]],
-) -> dict[str, torch.Tensor]:
-    """One uint8 buffer holding tensors back to back in `names` order -> views (SGLang's
-    `FlattenedTensorBucket` layout: no padding, each offset aligned to its dtype)."""
-    need = sum(nbytes(s, d) for s, d in zip(shapes, dtypes, strict=True))
-    if need != buffer.numel():
-        raise WeightUpdateError(f"bucket holds {buffer.numel()} bytes, tensors need {need}")
-    out, offset = {}, 0
-    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-        size = nbytes(shape, dtype)
-        if offset % dtype.itemsize:
-            raise WeightUpdateError(f"unaligned tensor {name} at byte {offset} for {dtype}")
-        out[name] = buffer[offset : offset + size].view(dtype).reshape(tuple(shape))
-        offset += size
-    return out
-
-
-def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    return numel * dtype.itemsize
 
 
 def select_known(
