@@ -3,8 +3,9 @@
 A remote engine (vLLM's AsyncLLM, SGLang's Engine) owns scheduling and weights in its
 own processes; the server still needs the `ServingBackend` surface of the embedded
 engine (bebop_spec/backends/base.py): version counter and labels, running / waiting counts,
-spec totals, per-step observers, and the names / shapes / dtypes a trainer must send
-(`weight_spec`), which are read from the checkpoint's safetensors headers.
+spec totals, per-step observers (derived from each request's outputs: remote_requests.py),
+and the names / shapes / dtypes a trainer must send (`weight_spec`, read from the
+checkpoint's safetensors headers: remote_model.py).
 
 `RemoteBackend` runs the parts both engines share (engine arguments with overrides, the
 generate loop with its tracking, observing and abort-on-close, pause / resume / flush,
@@ -22,63 +23,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bebop_spec.backends.base import ServingBackend
+from bebop_spec.backends.remote_model import read_model_config, weight_spec_of
+from bebop_spec.backends.remote_requests import RequestLedger, new_tokens
 from bebop_spec.engine.config import PAUSE_MODES, WEIGHT_SELECTORS, EngineConfig, WeightSelector
 from bebop_spec.engine.outputs import RequestOutput, SpecStats, StepStats
-from bebop_spec.models.checkpoint import Checkpoint, is_mtp_name
 from bebop_spec.sampling_params import SamplingParams
-
-# copies of the target's embedding / LM head that exported head directories carry
-SHARED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def checkpoint_spec(directory: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return Checkpoint(directory).spec()
-
-
-def weight_spec_of(
-    model_dir: str | Path, mtp_dir: str | Path | None, num_hidden_layers: int, selector: str
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Tensors a trainer sends for `selector`, in checkpoint (Hugging Face) names."""
-    if selector not in WEIGHT_SELECTORS:
-        raise ValueError(f"selector={selector!r}: expected one of {WEIGHT_SELECTORS}")
-    target = checkpoint_spec(model_dir)
-    draft = {k: v for k, v in target.items() if is_mtp_name(k, num_hidden_layers)}
-    target = {k: v for k, v in target.items() if k not in draft}
-    if mtp_dir is not None:
-        draft = {k: v for k, v in checkpoint_spec(mtp_dir).items() if k not in SHARED_NAMES}
-    parts = {WeightSelector.TARGET: target, WeightSelector.DRAFT: draft}
-    return {**parts, WeightSelector.ALL: {**target, **draft}}[selector]
 
 
 def with_overrides(args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """Engine keywords: `args`, then $BEBOP_ENGINE_ARGS (JSON), then `extra` on top."""
     env = os.environ.get("BEBOP_ENGINE_ARGS")
     return {**args, **(json.loads(env) if env else {}), **dict(extra or {})}
-
-
-def read_model_config(model_dir: str | Path) -> Any:
-    """bebop's ModelConfig of the target, or the raw config.json as attributes."""
-    hf = json.loads((Path(model_dir) / "config.json").read_text())
-    try:
-        from bebop_spec.models.config import ModelConfig
-
-        return ModelConfig.from_hf(hf)
-    except (ValueError, KeyError, TypeError):  # a family the embedded engine does not run
-        from types import SimpleNamespace
-
-        eos = hf.get("eos_token_id")
-        fields = {
-            **hf,
-            "eos_token_ids": [] if eos is None else (eos if isinstance(eos, list) else [eos]),
-            "max_position_embeddings": hf.get("max_position_embeddings", 32768),
-        }
-        return SimpleNamespace(**fields)
 
 
 class RemoteBackend(ServingBackend):
@@ -98,11 +58,8 @@ class RemoteBackend(ServingBackend):
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.version = 0
         self.version_labels: dict[int, str] = {0: "0"}
-        self.spec_totals = SpecStats()
         self.paused = False
-        self._observers: list[Callable[[StepStats], None]] = []
-        self._waiting: set[str] = set()
-        self._running: set[str] = set()
+        self.requests = RequestLedger(config.draft_mode_name)
 
     @staticmethod
     def check_params(params: SamplingParams) -> None:
@@ -131,14 +88,18 @@ class RemoteBackend(ServingBackend):
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.requests.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.requests.waiting)
+
+    @property
+    def spec_totals(self) -> SpecStats:
+        return self.requests.spec_totals
 
     def add_observer(self, fn: Callable[[StepStats], None]) -> None:
-        self._observers.append(fn)
+        self.requests.observers.append(fn)
 
     def weight_spec(self, selector: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return weight_spec_of(
@@ -157,29 +118,31 @@ class RemoteBackend(ServingBackend):
         await self.start()
         ids = list(prompt_token_ids)
         convert = self._converter(ids, params, request_id)
-        self._track(request_id, started=False, finished=False)
+        self.requests.track(request_id, started=False, finished=False)
         stream = await self._open_stream(ids, params, request_id)
         prev: RequestOutput | None = None
         try:
             async for raw in stream:
                 cur = convert(raw)
-                self._track(request_id, started=True, finished=cur.finished)
+                self.requests.track(request_id, started=True, finished=cur.finished)
                 spec = cur.spec if cur.finished else None
-                self._observe(new_tokens(prev, cur), spec if spec and spec.num_drafts else None)
+                self.requests.observe(
+                    new_tokens(prev, cur), spec if spec and spec.num_drafts else None
+                )
                 prev = cur
                 yield cur
         finally:
-            self._track(request_id, started=True, finished=True)
+            self.requests.track(request_id, started=True, finished=True)
             if prev is None or not prev.finished:
                 await self._abort_engine(request_id)
 
     async def abort(self, request_id: str) -> bool:
-        known = request_id in self._running or request_id in self._waiting
+        known = request_id in self.requests
         await self._abort_engine(request_id)
         return known
 
     async def abort_all(self) -> int:
-        ids = sorted(self._running | self._waiting)
+        ids = self.requests.ids()
         await self._abort_all_engine(ids)
         return len(ids)
 
@@ -266,47 +229,3 @@ class RemoteBackend(ServingBackend):
             if lab == label:
                 return v
         return self.version
-
-    def _track(self, request_id: str, started: bool, finished: bool) -> None:
-        if finished:
-            self._waiting.discard(request_id)
-            self._running.discard(request_id)
-        elif started:
-            self._waiting.discard(request_id)
-            self._running.add(request_id)
-        else:
-            self._waiting.add(request_id)
-
-    def _observe(self, new_tokens: int, spec: SpecStats | None) -> None:
-        """One StepStats per output increment (remote engines do not expose their steps)."""
-        if spec is not None:
-            self._add_spec(spec)
-        if not self._observers:
-            return
-        stats = StepStats(
-            draft_mode=self.config.draft_mode_name,
-            num_generated_tokens=new_tokens,
-            num_drafts=spec.num_drafts if spec else 0,
-            num_draft_tokens=spec.num_draft_tokens if spec else 0,
-            num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
-            accepted_per_pos=list(spec.accepted_per_pos) if spec else [],
-            num_running=self.num_running,
-            num_waiting=self.num_waiting,
-        )
-        for fn in self._observers:
-            fn(stats)
-
-    def _add_spec(self, spec: SpecStats) -> None:
-        t = self.spec_totals
-        t.num_drafts += spec.num_drafts
-        t.num_draft_tokens += spec.num_draft_tokens
-        t.num_accepted_tokens += spec.num_accepted_tokens
-        if len(t.accepted_per_pos) < len(spec.accepted_per_pos):
-            t.accepted_per_pos += [0] * (len(spec.accepted_per_pos) - len(t.accepted_per_pos))
-        for i, n in enumerate(spec.accepted_per_pos):
-            t.accepted_per_pos[i] += n
-
-
-def new_tokens(prev: RequestOutput | None, cur: RequestOutput) -> int:
-    before = sum(len(o.token_ids) for o in prev.outputs) if prev else 0
-    return sum(len(o.token_ids) for o in cur.outputs) - before

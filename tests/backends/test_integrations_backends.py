@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bebop_spec.backends import remote as remote_backend
+from bebop_spec.backends import remote_model
 from bebop_spec.backends import sglang as sglang_backend
 from bebop_spec.backends import vllm as vllm_backend
 from bebop_spec.engine.config import EngineConfig
@@ -56,10 +56,10 @@ def _config(model_dir, **kw) -> EngineConfig:
 
 
 def test_weight_spec_from_safetensors_headers(model_dir, tmp_path):
-    spec = remote_backend.weight_spec_of(model_dir, None, 2, "target")
+    spec = remote_model.weight_spec_of(model_dir, None, 2, "target")
     assert spec["model.embed_tokens.weight"] == ((64, 16), torch.bfloat16)
     assert "model.layers.2.eh_proj.weight" not in spec
-    assert set(remote_backend.weight_spec_of(model_dir, None, 2, "draft")) == {
+    assert set(remote_model.weight_spec_of(model_dir, None, 2, "draft")) == {
         "model.layers.2.eh_proj.weight"
     }
     head = tmp_path / "head"
@@ -68,10 +68,10 @@ def test_weight_spec_from_safetensors_headers(model_dir, tmp_path):
         {"mtp.fc.weight": torch.zeros(16, 32), "lm_head.weight": torch.zeros(64, 16)},
         str(head / "m.safetensors"),
     )
-    assert set(remote_backend.weight_spec_of(model_dir, head, 2, "draft")) == {"mtp.fc.weight"}
-    assert len(remote_backend.weight_spec_of(model_dir, head, 2, "all")) == 4
+    assert set(remote_model.weight_spec_of(model_dir, head, 2, "draft")) == {"mtp.fc.weight"}
+    assert len(remote_model.weight_spec_of(model_dir, head, 2, "all")) == 4
     with pytest.raises(ValueError):
-        remote_backend.weight_spec_of(model_dir, None, 2, "both")
+        remote_model.weight_spec_of(model_dir, None, 2, "both")
 
 
 def test_vllm_engine_args(model_dir, monkeypatch):
