@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from bebop_spec.engine.config import DRAFT_MODE_OFF
+from bebop_spec.engine.config import DRAFT_MODE_OFF, SPEC_POLICIES, SpecPolicy
 from bebop_spec.engine.config import DRAFT_MODES as SPEC_DRAFT_MODES
 
 DRAFT_MODES = (*SPEC_DRAFT_MODES, DRAFT_MODE_OFF)  # what --draft-mode takes: the engine's, or off
@@ -44,7 +44,7 @@ class GRPOConfig:
     online_head: str | None = None  # ce | tv | e2e_tv: train the head during RL
     head_lr: float = 3e-4
     gamma: int = 3
-    spec_policy: str = "auto"  # the server's: auto (γ_t per step) or fixed (every step drafts γ)
+    spec_policy: str = SpecPolicy.AUTO.value  # the server's: auto (γ_t per step) | fixed
     push: str = "distributed"
     master_address: str = "127.0.0.1"  # the trainer's address as the server sees it
     max_ops: int = 2  # problem difficulty: 1..max_ops operations
@@ -120,8 +120,8 @@ def args_parser(description: str = "GRPO against a Bebop server") -> argparse.Ar
     a("--gamma", type=int, default=3, help="speculative tokens per step")
     a(
         "--spec-policy",
-        default="auto",
-        choices=["auto", "fixed"],
+        default=SpecPolicy.AUTO.value,
+        choices=SPEC_POLICIES,
         help="the launched server's draft-length policy (fixed: every step drafts --gamma)",
     )
     a("--push", default="distributed", choices=PUSH_METHODS, help="gloo group or HTTP body")
