@@ -154,20 +154,46 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
 
-def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor, block: int = CDF_BLOCK) -> torch.Tensor:
     """probs[...,V] (>= 0, not necessarily normalised, some entry > 0), u[...] in [0,1) -> ids[...].
 
-    Inverse CDF: the first v with cdf(v) > u * cdf(V-1). A zero-probability v has
-    cdf(v) == cdf(v-1) exactly (adding 0 is exact), so it can never be the first to exceed,
-    and v = 0 would need cdf(0) = 0 > u * total >= 0. Rounding of u * total can only push the
-    pick past the end; that case is clamped to the last positive-probability token.
+    Inverse CDF: the first v with cdf(v) > u * cdf(V-1), found in two levels: float64 totals
+    of `block`-token blocks locate the block holding u * total, then a cumsum inside that one
+    block the token (the same pick as one cumsum over V up to the rounding of the block
+    totals; a float64 cumsum over SmolLM2's 49k-token vocabulary at batch 16 is sequential
+    and took 3.4 ms of a 54 ms decode step). A zero-probability v adds exactly 0 to its
+    prefix (a zero block to the block prefix), so it can never be the first to exceed, and
+    the first entry of a block equals the block's base <= u * total. Rounding of u * total
+    can only push the pick past the end of the vocabulary or of its block; those cases are
+    clamped to the last positive-probability block / token.
     """
-    cdf = probs.double().cumsum(dim=-1)
-    target = u.double().unsqueeze(-1) * cdf[..., -1:]
-    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    vocab = probs.shape[-1]
-    last_positive = vocab - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-    return torch.minimum(ids, last_positive)
+    lead, vocab = probs.shape[:-1], probs.shape[-1]
+    rows = probs.reshape(-1, vocab)
+    n, nb = rows.shape[0], -(-vocab // block)
+    if nb * block != vocab:
+        rows = torch.nn.functional.pad(rows, (0, nb * block - vocab))
+    blocks = rows.view(n, nb, block)
+    sums = blocks.sum(-1, dtype=torch.float64)  # [n, nb]
+    bcdf = sums.cumsum(-1)
+    target = u.reshape(-1, 1).double() * bcdf[:, -1:]
+    b = torch.minimum(
+        torch.searchsorted(bcdf, target, right=True).squeeze(-1), _last_positive(sums)
+    )
+    base = torch.where(b > 0, bcdf.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    inner = blocks[torch.arange(n, device=probs.device), b]  # [n, block]
+    icdf = base[:, None] + inner.double().cumsum(-1)
+    i = torch.minimum(
+        torch.searchsorted(icdf, target, right=True).squeeze(-1), _last_positive(inner)
+    )
+    return (b * block + i).reshape(lead)
+
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """x[n, m] -> index of each row's last entry > 0 [n]."""
+    return x.shape[-1] - 1 - (x > 0).flip(-1).int().argmax(dim=-1)
 
 
 def logprobs_of(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

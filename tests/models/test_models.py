@@ -283,3 +283,29 @@ def test_missing_directory_and_config(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 4])
+def test_cached_attention_folds_gqa_groups_exactly(dtype, t):
+    """Invariant: cached_attention (GQA groups folded into the query axis) equals SDPA with
+    enable_gqa over the same cached keys: rows of different lengths, a per-row causal mask,
+    9 query / 3 kv heads, decode (T = 1) and verify (T = 4) shapes, float32 and bfloat16
+    (tolerance: 1e-5 float32, 1e-2 bfloat16, the rounding of a bf16 softmax·V)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from bebop_spec.models.layers import cached_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, h, kv, d, keys = 3, 9, 3, 16, 20
+    q = torch.randn(b, h, t, d, generator=gen).to(dtype)
+    k = torch.randn(b, kv, keys, d, generator=gen).to(dtype)
+    v = torch.randn(b, kv, keys, d, generator=gen).to(dtype)
+    last = torch.tensor([7, 19, 12])[:, None] - t + 1 + torch.arange(t)  # [B, T] positions
+    mask = (torch.arange(keys)[None, None, :] <= last[:, :, None])[:, None]  # [B, 1, T, L]
+    expected = sdpa(q, k, v, attn_mask=mask, enable_gqa=True).float()
+    got = cached_attention(q, k, v, mask).float()
+    assert got.shape == (b, h, t, d)
+    assert (got - expected).abs().max() < (1e-5 if dtype == torch.float32 else 1e-2)
+    unmasked = cached_attention(q, k, v, None).float()
+    assert (unmasked - sdpa(q, k, v, enable_gqa=True).float()).abs().max() < 1e-2

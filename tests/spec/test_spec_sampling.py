@@ -22,6 +22,7 @@ from bebop_spec.spec import (
     sample_from_probs,
     top_logprobs,
 )
+from bebop_spec.spec.sampling import CDF_BLOCK
 
 U_MAX = 1.0 - 2.0**-24  # the largest value torch.rand returns in float32
 
@@ -132,15 +133,17 @@ def test_sampling_tensors_from_params_and_row_ops() -> None:
     assert SamplingTensors.from_params(params[:1]).all_greedy
 
 
-def test_sample_from_probs_frequencies_match_probs() -> None:
+@pytest.mark.parametrize("block", [CDF_BLOCK, 3])
+def test_sample_from_probs_frequencies_match_probs(block: int) -> None:
     """Invariant: inverse-CDF sampling draws token v with probability probs[v] (also for an
-    unnormalised row). 200,000 draws over 16 tokens, 6 of them zero: zero tokens never drawn,
-    chi-square goodness of fit on the rest, p-value > 1e-3 (fixed seed, deterministic)."""
+    unnormalised row), in one block and over several (block 3: 6 blocks, the last padded).
+    200,000 draws over 16 tokens, 6 of them zero: zero tokens never drawn, chi-square
+    goodness of fit on the rest, p-value > 1e-3 (fixed seed, deterministic)."""
     gen, n = torch.Generator().manual_seed(2), 200_000
     probs = torch.rand(16, generator=gen) + 0.05
     probs[[0, 3, 4, 9, 14, 15]] = 0.0
     probs = 3.0 * probs  # sample_from_probs normalises by the row total itself
-    ids = sample_from_probs(probs.expand(n, 16), torch.rand(n, generator=gen))
+    ids = sample_from_probs(probs.expand(n, 16), torch.rand(n, generator=gen), block)
     counts = torch.bincount(ids, minlength=16)
     assert counts[probs == 0].sum() == 0
     pos = probs > 0
@@ -149,9 +152,11 @@ def test_sample_from_probs_frequencies_match_probs() -> None:
     assert result.pvalue > 1e-3, result
 
 
-def test_sample_from_probs_never_picks_zero_probability_tokens() -> None:
+@pytest.mark.parametrize("block", [CDF_BLOCK, 2, 3])
+def test_sample_from_probs_never_picks_zero_probability_tokens(block: int) -> None:
     """Invariant: whatever the uniform (0, U_MAX, 1 − 2⁻⁵³ in float64, even 1.0) and however
-    many zeros (leading, interior, trailing, a single positive subnormal), the pick has p > 0."""
+    many zeros (leading, interior, trailing, a single positive subnormal, whole zero blocks),
+    the pick has p > 0, with one block or several."""
     rows = torch.tensor(
         [
             [0.0, 0.0, 0.3, 0.0, 0.7, 0.0, 0.0],
@@ -165,8 +170,24 @@ def test_sample_from_probs_never_picks_zero_probability_tokens() -> None:
     for u_value in [0.0, 1e-12, 0.5, U_MAX, 1.0 - 2.0**-53, 1.0]:
         for dtype in (torch.float32, torch.float64):
             u = torch.full((rows.shape[0],), u_value, dtype=torch.float64).to(dtype)
-            ids = sample_from_probs(rows, u)
+            ids = sample_from_probs(rows, u, block)
             assert (rows.gather(1, ids[:, None]) > 0).all(), (u_value, ids)
+
+
+def test_blocked_inverse_cdf_equals_one_cumsum() -> None:
+    """Invariant: the two-level inverse CDF picks the token one float64 cumsum over the whole
+    vocabulary picks. 512 rows of SmolLM2's vocabulary size (49,152 = 192 blocks) and of a
+    size that pads the last block (1,000), softmax of N(0, 3²) logits with a third of the
+    entries zeroed, u ~ U[0, 1): every pick equal (a disagreement needs u * total within
+    float64 rounding of a block boundary, probability ~1e-12 per draw)."""
+    gen = torch.Generator().manual_seed(5)
+    for vocab in (49_152, 1_000):
+        probs = torch.softmax(3 * torch.randn(512, vocab, generator=gen), -1)
+        probs = probs.masked_fill(torch.rand(512, vocab, generator=gen) < 1 / 3, 0.0)
+        u = torch.rand(512, generator=gen)
+        cdf = probs.double().cumsum(-1)
+        expected = torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:], right=True)
+        assert torch.equal(sample_from_probs(probs, u), expected.squeeze(-1))
 
 
 def test_logprobs_and_top_alternatives() -> None:
