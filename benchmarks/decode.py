@@ -5,7 +5,7 @@
 
 For each batch size it times (i) `transformers` `generate` (sampling, same weights),
 (ii) the engine without speculation, (iii) with `to`, (iv) with `rs` (both fixed γ = 3), (v)
-`rs` under the auto policy (γ_t ∈ 0..3 chosen per step; its histogram is recorded); T = 1. For the
+`rs` under the auto policy (γ_t ∈ 0..3 chosen per step; its histogram is recorded); T = --temperature (1). For the
 speculative rows it reports acceptance, E[accepted drafts per step], the measured draft/verify
 cost ratio c, the bound (1 + E[A]) / (1 + γ·c), the measured verify/plain-step cost ratio r
 (1 when verifying γ+1 tokens is as cheap as one, as on a GPU; larger on a CPU), the bound
@@ -75,7 +75,7 @@ def time_engine(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
 
 
 def time_hf(model_dir: str, prompts, max_tokens: int, repeats: int, ignore_eos: bool,
-            dtype: str, device: str = "cpu") -> float:  # fmt: skip
+            dtype: str, device: str = "cpu", temperature: float = 1.0) -> float:  # fmt: skip
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
@@ -87,7 +87,7 @@ def time_hf(model_dir: str, prompts, max_tokens: int, repeats: int, ignore_eos: 
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    kw = dict(max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+    kw = dict(max_new_tokens=max_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
               pad_token_id=0)  # fmt: skip
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -199,6 +199,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i], for every engine")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, all")
     ap.add_argument("--engines", nargs="+", default=["to", "rs", "rs-auto"],
                     choices=["to", "rs", "rs-auto"], help="speculative rows (none always runs)")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
@@ -223,11 +224,11 @@ def main() -> None:
     bar = tqdm(total=len(args.batch_sizes) * (2 + len(spec_modes)), desc="decode bench")
     for bs in args.batch_sizes:
         prompts = demo_prompts(tok, bs, args.seed) if tok is not None else [[1, 2, 3]] * bs
-        params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens,
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                                 ignore_eos=args.ignore_eos, seed=args.seed)  # fmt: skip
         hf = None if args.skip_hf else time_hf(model, prompts, args.max_tokens, args.repeats,
-                                                args.ignore_eos, dtype,
-                                                args.device)  # fmt: skip
+                                                args.ignore_eos, dtype, args.device,
+                                                args.temperature)  # fmt: skip
         bar.update(1)
         base, _ = time_engine(engines["none"], prompts, params, args.repeats)
         bar.update(1)
@@ -257,11 +258,12 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "mtp": mtp, "gamma": args.gamma, "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
             "draft_vocab_size": _draft_vocab(engines),
             "ignore_eos": args.ignore_eos, "dtype": dtype, "threads": torch.get_num_threads(), "device": args.device,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    _plot(rows, out.with_suffix(".png"))
+    _plot(rows, out.with_suffix(".png"), args.temperature)
     print(f"wrote {out}")
 
 
@@ -298,7 +300,7 @@ def _cell(r: dict, key: str, fmt: str) -> str:
     return format(v, fmt) if isinstance(v, float) else "-"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, temperature: float = 1.0) -> None:
     from bebop_spec.plotting import pyplot
 
     plt = pyplot()
@@ -313,7 +315,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.bar([j + i * width for j in range(len(batches))], vals, width, label=eng)
     ax.set_xticks([j + 2 * width for j in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("generated tokens / s (CPU)")
-    ax.set_title("Decode throughput, T = 1")
+    ax.set_title(f"Decode throughput, T = {temperature:g}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     p.add_argument("--cache-hiddens", action="store_true", help="offline mode, per size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the target's weights (and its cached hiddens)")  # fmt: skip
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the head's forward matmuls (bfloat16: autocast, fp32 master weights)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "bebop" / "learning_curve"))
@@ -123,7 +127,8 @@ def run_size(args, samples: list[DistillSample], size: int, meta_model: str) -> 
                       snapshot_every=args.eval_every, log_every=5,
                       cache_hiddens=str(work / "hiddens") if args.cache_hiddens else None,
                       draft_vocab=args.draft_vocab,
-                      draft_vocab_size=args.draft_vocab_size)  # fmt: skip
+                      draft_vocab_size=args.draft_vocab_size, dtype=args.dtype,
+                      compute_dtype=args.compute_dtype)  # fmt: skip
     t0 = time.perf_counter()
     if not (snapshot_dir(cfg.out_dir, args.steps) / "config.json").is_file():
         train_mtp(cfg)
