@@ -56,6 +56,9 @@ def _config(model_dir, **kw) -> EngineConfig:
 
 
 def test_weight_spec_from_safetensors_headers(model_dir, tmp_path):
+    """weight_spec_of reads shapes and dtypes from safetensors headers: "target" excludes the
+    in-checkpoint MTP layer, "draft" is that layer or a separate head's tensors (its lm_head
+    excluded), "all" is both; an unknown selector is a ValueError."""
     spec = remote_model.weight_spec_of(model_dir, None, 2, "target")
     assert spec["model.embed_tokens.weight"] == ((64, 16), torch.bfloat16)
     assert "model.layers.2.eh_proj.weight" not in spec
@@ -75,6 +78,8 @@ def test_weight_spec_from_safetensors_headers(model_dir, tmp_path):
 
 
 def test_vllm_engine_args(model_dir, monkeypatch):
+    """Draft mode "rs" maps to MTP speculation with probabilistic draft sampling, "to" to greedy,
+    none to no speculative_config; logprobs are processed; BEBOP_ENGINE_ARGS JSON is merged in."""
     args = vllm_backend.engine_args(_config(model_dir, num_speculative_tokens=2, draft_mode="rs"))
     assert args["speculative_config"] == {
         "method": "mtp",
@@ -94,6 +99,8 @@ def test_vllm_engine_args(model_dir, monkeypatch):
 
 
 def test_vllm_sampling_params_mapping():
+    """SamplingParams map to vLLM kwargs: top_k -1 becomes 0; the other fields (penalties,
+    min_tokens, logit_bias, skip_special_tokens included) pass through unchanged."""
     kw = vllm_backend.sampling_params_kwargs(
         SamplingParams(
             temperature=0.7,
@@ -168,6 +175,9 @@ def _vllm_backend(model_dir, outputs, **kw):
 
 
 def test_vllm_generate_converts_cumulative_outputs(model_dir):
+    """Cumulative vLLM outputs convert to ours: token ids, finish reason, logprobs, per-token weight
+    versions, spec counters from the acceptance histogram (3 drafts, 4 accepted, [2, 2]);
+    totals and observers update, and a completed request is not aborted."""
     metrics = types.SimpleNamespace(
         histogram=[1, 0, 2], num_draft_tokens=6
     )  # γ=2: j=0 once, j=2 twice
@@ -205,6 +215,7 @@ def test_vllm_generate_converts_cumulative_outputs(model_dir):
 
 
 def test_vllm_closing_early_aborts(model_dir):
+    """Closing the generate stream after its first output aborts the request in the engine."""
     b = _vllm_backend(model_dir, [_vout("r", [7]), _vout("r", [7, 8])])
 
     async def go():
@@ -217,6 +228,9 @@ def test_vllm_closing_early_aborts(model_dir):
 
 
 def test_vllm_pause_modes_and_weight_updates(model_dir, monkeypatch):
+    """Pause retract maps to vLLM's keep, an unknown mode is a ValueError; an "all" update is sent
+    as a target and a draft part under its label and bumps the version to 1; a draft update
+    holding a non-draft tensor is a ValueError."""
     b = _vllm_backend(model_dir, [], num_speculative_tokens=2)
     sent = []
 
@@ -248,6 +262,8 @@ def test_vllm_pause_modes_and_weight_updates(model_dir, monkeypatch):
 
 
 def test_sglang_engine_args_and_params(model_dir):
+    """rs with γ = 3 maps to SGLang rejection sampling, eagle top-k 1 and 4 draft tokens; top_k 0
+    becomes -1, and seed / max_tokens / include_stop_str_in_output map to SGLang's names."""
     args = sglang_backend.engine_args(_config(model_dir, num_speculative_tokens=3, draft_mode="rs"))
     assert args["speculative_use_rejection_sampling"] and args["speculative_eagle_topk"] == 1
     assert args["speculative_num_draft_tokens"] == 4
@@ -302,6 +318,9 @@ class FakeSGLangEngine:
 
 
 def test_sglang_generate_cumulative_and_incremental(model_dir):
+    """Cumulative and incremental SGLang chunks give the same output: ids, text, finish and stop
+    reason, logprobs, weight versions, spec counters from spec_verify_ct; the request id and
+    return_logprob reach the engine."""
     meta_end = {"finish_reason": {"type": "stop", "matched": 1}, "completion_tokens": 3, "spec_verify_ct": 2,
                 "weight_version": "0", "output_token_logprobs": [[-0.1, 7, None], [-0.2, 8, None], [-0.3, 1, None]]}  # fmt: skip
     for chunks in (
@@ -337,6 +356,7 @@ def test_sglang_generate_cumulative_and_incremental(model_dir):
 
 
 def test_sglang_update_weights_rejection_keeps_version(model_dir, monkeypatch):
+    """A draft weight update without speculation is a ValueError and the version stays 0."""
     b = sglang_backend.SGLangBackend(
         _config(model_dir, draft_mode=None), engine=FakeSGLangEngine([])
     )
@@ -347,6 +367,8 @@ def test_sglang_update_weights_rejection_keeps_version(model_dir, monkeypatch):
 
 
 def test_plugin_reports_unpatched_vllm(monkeypatch, caplog):
+    """On unpatched vLLM the plugin logs the `bebop patch vllm` hint, or raises with
+    BEBOP_REQUIRE_PATCHED=1; a spec config without probabilistic drafts warns, one with does not."""
     monkeypatch.setattr(vllm_plugin, "_done", False)
     monkeypatch.setattr(vllm_plugin, "patch_status", lambda: (False, None))
     vllm_plugin.register()

@@ -66,6 +66,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_patch_set_applies_reverts_and_compiles(engine, mini_tree):
+    """On the pinned pristine files the patch set checks, applies (changed files byte-compile),
+    reapplies as a no-op and reverts to the original bytes."""
     before = _files(mini_tree)
     args = [engine, "--site-packages", str(mini_tree)]
     assert patching.main_patch([*args, "--check"]) == 0
@@ -81,6 +83,8 @@ def test_patch_set_applies_reverts_and_compiles(engine, mini_tree):
 
 
 def test_check_refuses_another_version(engine, mini_tree, capsys):
+    """--check on a tree whose dist-info names another version exits EXIT_VERSION, saying it is
+    not the pinned one."""
     (meta,) = mini_tree.glob(f"{engine}-*.dist-info/METADATA")
     pinned = f"Version: {patching.PINNED[engine]}"
     meta.write_text(meta.read_text().replace(pinned, "Version: 0.0.1"))

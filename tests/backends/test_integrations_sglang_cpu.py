@@ -76,6 +76,9 @@ def _cpu_argmax(monkeypatch):
 
 
 def test_sample_draft_proposal_q_equals_target_processing():
+    """sample_draft_proposal's q equals top-p(top-k(softmax(logits / T))) within 1e-6 with the same
+    support, q_x is q at the drafts, a top_k = 1 row drafts the argmax, and q differs from the
+    unpatched temperature-only softmax."""
     logits, temps, top_ks, top_ps = _case()
     q, q_x, x = spec_utils.sample_draft_proposal(logits.clone(), temps, top_ks, top_ps=top_ps)
     p = _reference_p(logits, temps, top_ks, top_ps)
@@ -88,6 +91,8 @@ def test_sample_draft_proposal_q_equals_target_processing():
 
 
 def test_renorm_draft_probs_follows_the_target_flags():
+    """renorm_draft_probs applies top-k / top-p only when the target's flags ask for them (else
+    softmax(logits / T)); without rejection sampling q is plain softmax(logits)."""
     logits, temps, top_ks, top_ps = _case(1)
     info = types.SimpleNamespace(temperatures=temps, top_ks=top_ks, top_ps=top_ps,
                                  need_top_k_sampling=True, need_top_p_sampling=True)  # fmt: skip
@@ -101,6 +106,8 @@ def test_renorm_draft_probs_follows_the_target_flags():
 
 
 def test_draft_samples_stay_in_processed_support():
+    """2,000 drafts per row from sample_draft_proposal all have q > 0: none leaves the processed
+    support."""
     logits, temps, top_ks, top_ps = _case(2)
     reps = 400
     for _ in range(5):  # 2,000 draws per row
@@ -114,6 +121,7 @@ def test_draft_samples_stay_in_processed_support():
 
 
 def test_draft_top_ps_helper():
+    """draft_top_ps is None when the target skips top-p sampling, else the batch's top_ps tensor."""
     info = types.SimpleNamespace(top_ps=torch.ones(2), need_top_p_sampling=False)
     assert bebop.draft_top_ps(info) is None
     info.need_top_p_sampling = True
@@ -121,6 +129,9 @@ def test_draft_top_ps_helper():
 
 
 def test_chain_verification_stats_and_prometheus():
+    """Chain verifications (3 uniform-q rows accepting 2, 0, 1 drafts; 1 greedy row, H = 0) reach
+    Prometheus as verified / accepted counts per entropy bucket and per position and as the
+    entropy count (8); logging drains the recorder."""
     import prometheus_client
 
     rec = bebop.RECORDER
@@ -161,6 +172,8 @@ def test_chain_verification_stats_and_prometheus():
 
 
 def test_torch_renorm_matches_reference_ties_and_edges():
+    """torch top-k renorm keeps every token tied at the k-th value; top-p keeps the tokens whose
+    preceding mass is below p; top_p = 1 only renormalises."""
     probs = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]])
     k = bebop.torch_top_k_renorm(probs, torch.tensor([2]))
     assert torch.allclose(
@@ -172,6 +185,8 @@ def test_torch_renorm_matches_reference_ties_and_edges():
 
 
 def test_backend_request_types_are_sglangs():
+    """The backend's sampling dict builds and verifies a real SGLang SamplingParams; SGLang's pause
+    and weight-update request types accept every pause mode, the selector and a version."""
     from sglang.srt.managers.io_struct import (
         PauseGenerationReqInput,
         UpdateWeightsFromTensorReqInput,
@@ -215,6 +230,7 @@ PATCHED_MODULES = [
 
 @pytest.mark.parametrize("name", PATCHED_MODULES)
 def test_patched_module_imports_on_cpu(name):
+    """Each patched SGLang module (one per parameter) imports on CPU."""
     import importlib
 
     importlib.import_module(name)
@@ -294,6 +310,9 @@ def _draft_rewrite(cfg, is_draft_model=True):
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
 def test_dense_head_config_maps_to_bebop_mtp(family):
+    """A draft config with mtp_num_hidden_layers is rewritten to BebopDenseForCausalLMMTP (target
+    architecture kept, 1 nextn layer), which the registry resolves; a plain draft config and
+    the target's own config keep their architecture."""
     from sglang.srt.models.bebop_dense_mtp import BebopDenseForCausalLMMTP
     from sglang.srt.models.registry import ModelRegistry
 
@@ -327,6 +346,9 @@ def _checkpoint(head):
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
 def test_dense_head_loads_every_tensor_and_matches_bebop(sglang_cpu_layers, family):
+    """Every parameter loads from a Bebop head checkpoint (target tensors skipped); norms, fc,
+    stacked q/k/v and gate/up, o_proj (and qwen3 q/k norms) match Bebop's head; the embedding
+    is the checkpoint's."""
     head, cfg = _bebop_head(family)
     model = _build(cfg)
     ckpt = _checkpoint(head)
@@ -398,6 +420,8 @@ def test_dense_head_forward_wiring_and_shared_embed_head(sglang_cpu_layers, monk
 
 
 def test_dense_head_refuses_multi_layer_heads(sglang_cpu_layers):
+    """Building the dense head from a 2-layer MTP config raises NotImplementedError
+    (1-layer heads only)."""
     _, cfg = _bebop_head("qwen3")
     cfg.mtp_num_hidden_layers = 2
     with pytest.raises(NotImplementedError, match="1-layer heads"):
@@ -405,6 +429,8 @@ def test_dense_head_refuses_multi_layer_heads(sglang_cpu_layers):
 
 
 def test_dense_head_rejects_a_foreign_mtp_tensor(sglang_cpu_layers):
+    """Loading an mtp.* tensor the dense head lacks (an MoE expert weight) is a ValueError
+    naming it."""
     head, cfg = _bebop_head("qwen3")
     model = _build(cfg)
     with pytest.raises(ValueError, match="mtp.layers.0.mlp.experts"):

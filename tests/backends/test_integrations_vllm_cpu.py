@@ -111,6 +111,8 @@ def test_v1_draft_q_equals_target_processing(temps, top_k, top_p, target_p):
 
 
 def test_v1_draft_samples_stay_in_processed_support():
+    """2,000 draws per row from the V1 drafting path all have q > 0: none leaves the processed
+    top-k / top-p support."""
     torch.manual_seed(1)
     logits = torch.randn(3, V) * 2
     md = _metadata(
@@ -263,6 +265,8 @@ def test_entropy_stats_mrv2_rows():
 
 
 def test_spec_decoding_stats_reach_prometheus():
+    """Two observed entropy steps (bucket 2: 4 verified, 3 accepted, entropy sum 0.8) add up in
+    Prometheus: 8 verified, 6 accepted, entropy count 8 and sum 1.6."""
     import prometheus_client
     from vllm.v1.spec_decode.metrics import SpecDecodingProm, SpecDecodingStats
 
@@ -290,6 +294,7 @@ def test_spec_decoding_stats_reach_prometheus():
 
 
 def test_model_runner_output_carries_entropy_stats():
+    """The patched ModelRunnerOutput accepts and keeps a bebop_entropy_stats field."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     out = ModelRunnerOutput(req_ids=[], req_id_to_index={}, bebop_entropy_stats=[[1.0]])
@@ -375,6 +380,7 @@ PATCHED_MODULES = [
 
 @pytest.mark.parametrize("name", PATCHED_MODULES)
 def test_patched_module_imports_on_cpu(name):
+    """Each patched vLLM module (one per parameter) imports on CPU."""
     import importlib
 
     importlib.import_module(name)
@@ -422,6 +428,8 @@ def _build_dense_mtp(hf_config):
 
 
 def test_dense_head_config_maps_to_bebop_mtp():
+    """hf_config_override turns a head config with mtp_num_hidden_layers into bebop_dense_mtp /
+    BebopDenseMTP (n_predict 1, target type qwen3), an MTP model type the registry knows."""
     from typing import get_args
 
     from vllm.config.speculative import MTPModelTypes, SpeculativeConfig
@@ -440,6 +448,8 @@ def test_dense_head_config_maps_to_bebop_mtp():
 
 
 def test_dense_head_loads_every_tensor_and_matches_bebop():
+    """Every BebopDenseMTP parameter loads from a Bebop head checkpoint (target tensors ignored);
+    its norms, fc, stacked gate/up and q/k/v and q_norm match Bebop's head."""
     from vllm.config import set_current_vllm_config
     from vllm.config.speculative import SpeculativeConfig
 

@@ -94,6 +94,8 @@ def test_apply_is_idempotent_and_revert_is_byte_exact(tree, capsys):
 
 
 def test_wrong_version_is_refused(tree, capsys):
+    """An installed version other than the patch set's makes check and apply exit EXIT_VERSION,
+    naming the version found, and leaves every file untouched."""
     site, patches = tree
     (site / "vllm-0.33.0.dist-info" / "METADATA").write_text("Name: vllm\nVersion: 0.32.1\n")
     before = _snapshot(site)
@@ -103,11 +105,14 @@ def test_wrong_version_is_refused(tree, capsys):
 
 
 def test_missing_engine_is_refused(tmp_path, capsys):
+    """A site-packages without the engine exits EXIT_VERSION with "no vllm package"."""
     assert _run(tmp_path, tmp_path, "--check") == patching.EXIT_VERSION
     assert "no vllm package" in capsys.readouterr().err
 
 
 def test_foreign_edit_is_a_conflict(tree, capsys):
+    """A context line edited by someone else makes check and apply exit EXIT_CONFLICT, report a
+    conflict and leave every file untouched."""
     site, patches = tree
     (site / "vllm" / "a.py").write_text(ORIG_A.replace("line 5\n", "line five\n"))
     before = _snapshot(site)
@@ -127,6 +132,8 @@ def test_half_patched_tree_is_a_conflict(tree):
 
 
 def test_unwritable_tree_changes_nothing(tree, monkeypatch, capsys):
+    """If part of the tree (vllm/sub) is not writable, apply exits EXIT_WRITE saying so and no
+    file changes, the writable ones included."""
     site, patches = tree
     before = _snapshot(site)
     real = os.access
@@ -154,6 +161,8 @@ def test_failed_write_rolls_back(tree, monkeypatch):
 
 
 def test_hunk_found_at_offset_but_never_fuzzed():
+    """A hunk whose file is shifted by 7 lines still applies at that offset; one changed context
+    line (a trailing space) is a PatchError, never a fuzzy match."""
     text = _diff("x.py", ORIG_A, _edit_a(ORIG_A))
     (fp,) = parse_unified_diff(text)
     shifted = "header\n" * 7 + ORIG_A
@@ -163,6 +172,8 @@ def test_hunk_found_at_offset_but_never_fuzzed():
 
 
 def test_no_newline_at_end_of_file_roundtrip():
+    """A diff carrying no-newline-at-end-of-file markers applies forward and in reverse exactly,
+    adding no final newline."""
     old, new = "a\nb", "a\nc"
     text = "--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n a\n-b\n\\ No newline at end of file\n+c\n\\ No newline at end of file\n"
     (fp,) = parse_unified_diff(text)
@@ -171,6 +182,8 @@ def test_no_newline_at_end_of_file_roundtrip():
 
 
 def test_creation_and_deletion():
+    """A /dev/null-to-file diff creates the file, its reverse deletes it (None), and applying the
+    creation over an existing file is a PatchError."""
     (fp,) = parse_unified_diff(_diff("n.py", None, "A\nB\n"))
     assert fp.creates and patch_text(None, fp) == "A\nB\n"
     assert patch_text("A\nB\n", fp, reverse=True) is None
@@ -179,6 +192,8 @@ def test_creation_and_deletion():
 
 
 def test_malformed_diff_is_rejected():
+    """A hunk shorter than its header's line counts fails to parse, and a hunk whose lines do not
+    match the file fails to apply: both are PatchErrors."""
     with pytest.raises(PatchError):
         parse_unified_diff("--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\n")
     with pytest.raises(PatchError):

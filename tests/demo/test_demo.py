@@ -86,6 +86,7 @@ def test_extract_answer(text, expected):
 
 
 def test_reward_is_binary_on_the_final_answer():
+    """The reward is 1.0 when the answer after '####' is right, 0.0 when it is wrong or missing."""
     assert reward("7 + 5 = 12.\n#### 12", 12) == 1.0
     assert reward("7 + 5 = 12.\n#### 13", 12) == 0.0
     assert reward("12", 12) == 0.0  # no '####': wrong format earns nothing
@@ -151,6 +152,8 @@ def test_agent_dialogues_call_listed_tools_with_valid_json():
 
 
 def test_assistant_spans_cover_reply_and_im_end():
+    """assistant_spans cover exactly each assistant reply plus its <|im_end|> in the rendered
+    chat."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
                 {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "bc"}]  # fmt: skip
     text = render_chat(messages)
@@ -260,6 +263,8 @@ def test_target_training_is_deterministic(micro, tmp_path):
 
 
 def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
+    """The demo cache is $BEBOP_CACHE_DIR/demo, else $XDG_CACHE_HOME/bebop/demo; a config's
+    target_dir sits under its cache_dir."""
     monkeypatch.delenv("BEBOP_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "bebop" / "demo"

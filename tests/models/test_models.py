@@ -148,11 +148,16 @@ def test_config_reads_v5_and_legacy_rope_keys():
     ],
 )
 def test_config_rejects_what_we_cannot_run(change, message):
+    """Unsupported configs (model type, kv heads not dividing the heads, dynamic RoPE, llama3 RoPE
+    without its factors, sliding window, non-SiLU activation, empty vocab) raise a ValueError
+    naming the problem."""
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf({**COMMON, "model_type": "qwen3", **change})
 
 
 def test_config_detects_mtp_layouts():
+    """mtp_num_hidden_layers marks the qwen3_next MTP layout and num_nextn_predict_layers the
+    deepseek_v3 one, each with its layer count."""
     qn = ModelConfig.from_hf({**COMMON, "model_type": "qwen3", "mtp_num_hidden_layers": 1})
     ds = ModelConfig.from_hf({**COMMON, "model_type": "qwen3", "num_nextn_predict_layers": 2})
     assert (qn.mtp_layout, qn.mtp_num_layers) == ("qwen3_next", 1)
@@ -225,6 +230,8 @@ def test_rollback_by_overwriting_positions():
 
 
 def test_kv_cache_rejects_bad_addresses():
+    """A position past the scratch column or a slot past num_slots is a ValueError; a valid view
+    reads keys up to the furthest real position (padding excluded), mask [B, 1, T, kv_len]."""
     cache = KVCache(1, 2, 8, 1, 4)
     with pytest.raises(ValueError, match="positions"):
         cache.view(torch.tensor([0]), torch.tensor([[9]]))
@@ -279,6 +286,8 @@ def test_bad_checkpoints_raise_model_load_error(edit, message, tmp_path):
 
 
 def test_missing_directory_and_config(tmp_path):
+    """Loading a nonexistent directory, or one without config.json, raises ModelLoadError
+    saying so."""
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="config.json"):

@@ -73,6 +73,8 @@ def test_layout_names_follow_vllm():
 
 
 def test_zero_centered_norm_is_one_plus_w():
+    """A zero-centred RMSNorm with weight w computes what a standard RMSNorm with weight
+    1 + w does."""
     w = torch.randn(8)
     zc, std = RMSNorm(8, zero_centered=True), RMSNorm(8)
     with torch.no_grad():
@@ -173,6 +175,8 @@ def test_deepseek_zeroes_embedding_at_position_zero():
 
 
 def test_save_refuses_another_layout(tmp_path):
+    """Saving a qwen3_next head under the deepseek_v3 layout raises ValueError ("not
+    interchangeable")."""
     head = random_head(tiny_target().config, "qwen3_next")
     with pytest.raises(ValueError, match="not interchangeable"):
         save_mtp_head(head, tmp_path, "deepseek_v3")

@@ -108,6 +108,7 @@ def test_vllm_pause_wait_drains_then_holds_new_requests(server):
 
 
 def test_vllm_pause_bad_mode_is_400(http):
+    """An unknown /pause mode (mode=sleep) is a 400 and leaves the server unpaused."""
     assert http.post("/pause?mode=sleep").status_code == 400
     assert not http.get("/is_paused").json()["is_paused"]
 

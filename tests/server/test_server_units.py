@@ -106,6 +106,8 @@ def test_safetensors_bytes_rejects_malformed(junk):
 
 
 def test_parse_dtype_spellings():
+    """parse_dtype accepts bare and "torch."-prefixed dtype names; an unknown name is a
+    WeightUpdateError."""
     assert (
         parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
     )
@@ -129,6 +131,8 @@ def test_protocol_models():
 
 
 def test_entropy_buckets():
+    """entropy_bucket labels an entropy with the bucket holding it (0.0 -> "0.00-0.25",
+    0.7 -> "0.50-1.00"); entropies past the last edge go to "4.00-inf"."""
     assert entropy_bucket(0.0) == "0.00-0.25" and entropy_bucket(0.7) == "0.50-1.00"
     assert entropy_bucket(9.0) == "4.00-inf"
 
