@@ -1,7 +1,7 @@
 """The shipped Bebop head of the default model (bebop_spec/heads/, train/recipes.py).
 
     pytest -m realmodel tests/train/test_default_head.py   # ~1 min with the model cached (CI runs it)
-    pytest -m slow tests/train/test_default_head.py -k rebuild   # ~35 min on 2 CPU cores
+    pytest -m slow tests/train/test_default_head.py -k rebuild   # ~40 min on 2 bf16 CPU cores
 
 The realmodel tests load SmolLM2-135M-Instruct (converted on first use) with the head the
 package ships; the rebuild test reruns the head's recipe from scratch and compares held-out
