@@ -21,7 +21,6 @@ from bebop_spec.backends import remote_model
 from bebop_spec.backends import sglang as sglang_backend
 from bebop_spec.backends import vllm as vllm_backend
 from bebop_spec.engine.config import EngineConfig
-from bebop_spec.errors import WeightUpdateError
 from bebop_spec.patching import vllm_plugin
 from bebop_spec.sampling_params import SamplingParams
 
@@ -363,7 +362,6 @@ def test_sglang_update_weights_rejection_keeps_version(model_dir, monkeypatch):
     with pytest.raises(ValueError, match="speculative"):
         _run(b.update_weights({}, "draft"))
     assert b.version == 0
-    assert WeightUpdateError  # raised by the real path, exercised against SGLang on a GPU
 
 
 def test_plugin_reports_unpatched_vllm(monkeypatch, caplog):
