@@ -169,6 +169,8 @@ class LLMEngine:
                           gamma=gamma if batch.kind == "decode" else None)  # fmt: skip
         if batch.kind == "prefill":
             stats.num_prompt_tokens = sum(s.num_prompt_tokens for s in batch.seqs)
+            if self.gamma_policy is not None:
+                self.gamma_policy.observe_prefill()
         touched: dict[str, None] = {}
         for r in results:
             self._apply(r, stats)

@@ -77,6 +77,8 @@ def test_joint_distribution_is_exact(small_vocab_model, mode, gamma, kw):
     llm = LLM(str(small_vocab_model), mtp=str(small_vocab_model / "mtp"),
               draft_mode=None if draft == "none" else draft, num_speculative_tokens=gamma,
               spec_policy=policy or "fixed", max_num_seqs=512, seed=2024, **extra)  # fmt: skip
+    if policy:  # time every step: each batch here is a prefill and 3 decode steps, which the
+        llm.engine.gamma_policy.after_prefill = 0  # settling rule would leave all untimed
     params = SamplingParams(max_tokens=K, n=N, seed=2024, ignore_eos=True, **kw)
     out = llm.generate([prompt], params)[0]
     idx = torch.tensor([c.token_ids for c in out.outputs])

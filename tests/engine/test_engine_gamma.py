@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from bebop_spec import SamplingParams
+from bebop_spec.engine import runner as runner_module
 from bebop_spec.engine.config import SPEC_POLICIES, EngineConfig, SpecPolicy
-from bebop_spec.engine.gamma import GammaController, bucket, expected_tokens
+from bebop_spec.engine.gamma import GammaController, bucket, expected_tokens, monotone
 from bebop_spec.engine.llm_engine import LLMEngine
-from bebop_spec.engine.runner import MAX_PENDING
 
 
 def _drive(ctl: GammaController, rows: int, cost, accept, steps: int) -> list[int]:
@@ -37,6 +37,76 @@ def test_expected_tokens_and_buckets():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
 
 
+def test_monotone_pools_adjacent_violators():
+    """The weighted non-decreasing fit: a violating pair is replaced by its weighted mean;
+    an already sorted sequence is unchanged."""
+    assert monotone([1.3, 1.2, 1.5], [1, 1, 1]) == pytest.approx([1.25, 1.25, 1.5])
+    assert monotone([1.4, 1.1, 1.2], [1, 3, 1]) == pytest.approx([1.175, 1.175, 1.2])
+    assert monotone([1.0, 1.1, 1.3], [5, 1, 2]) == [1.0, 1.1, 1.3]
+
+
+def _noisy_neighbour_run(seed: int, steps: int = 400) -> list[int]:
+    """γ_t at batch 1 when each step runs 1.5-3x slow with probability 0.2, whatever its γ;
+    per-position acceptance 0.7, drafts at 5 % of a step."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand() -> float:
+        return float(torch.rand((), generator=gen))
+
+    def cost(g: int) -> float:
+        return (1.0 + 0.05 * g) * (1.5 + 1.5 * rand() if rand() < 0.2 else 1.0)
+
+    def accept(g: int) -> int:
+        return next((j for j in range(g) if rand() > 0.7), g)
+
+    return _drive(GammaController(gamma_max=3), 1, cost, accept, steps)
+
+
+def test_noisy_timings_do_not_flip_the_choice():
+    """A noisy neighbour (`_noisy_neighbour_run`): γ_max wins by > 10 % over any other γ;
+    low-quantile estimates (noise only slows a step) and re-timing a γ that wins at its
+    fastest timings keep the policy there on > 90 % of the last 200 of 400 steps, for each
+    of 6 seeds (averaging single timings let one slow step bury γ_max for hundreds)."""
+    for seed in range(6):
+        assert _noisy_neighbour_run(seed)[-200:].count(3) > 180, seed
+
+
+def test_plain_baseline_is_retimed_while_drafting_wins():
+    """Drafting wins throughout (acceptance 0.7 per position, drafts 10 % of a step) while
+    every step's cost grows with the context (+60 % over 1,200 steps): the plain baseline is
+    re-timed (2-step bursts, the first untimed: every 5 steps until it has 9 timings, then
+    every 100), so its estimate follows the growth to within the ~300 steps its window spans
+    (> 1.4 at the end, where the step costs 1.6 and the first timings said 1.0), γ_max keeps
+    > 90 % of the last 400 steps, and plain steps stay < 4 % after warm-up."""
+    ctl = GammaController(gamma_max=3)
+    gen = torch.Generator().manual_seed(0)
+    clock = iter(range(10**6))
+
+    def accept(g: int) -> int:
+        return next((j for j in range(g) if float(torch.rand((), generator=gen)) > 0.7), g)
+
+    chosen = _drive(ctl, 4, cost=lambda g: (1.0 + 0.1 * g) * (1 + next(clock) / 2000),
+                    accept=accept, steps=1200)  # fmt: skip
+    assert ctl.plain_cost(4) > 1.4
+    assert chosen[-400:].count(3) > 360
+    assert chosen[20:].count(0) / len(chosen[20:]) < 0.04
+
+
+def test_timings_after_a_prefill_or_a_switch_are_not_used():
+    """The 4 decode steps after a prefill (measured: up to 2x a settled step on the demo
+    model) and the first step after a change of γ (~1.1x) run on caches another shape left:
+    they enter no estimate, and neither does the first timing of a shape (warm-up)."""
+    ctl = GammaController(gamma_max=2)
+    ctl.observe_prefill()
+    for seconds in (9.0, 9.0, 9.0, 9.0, 5.0, 1.0, 1.0, 1.0):  # 4 settling, 1 warm-up, 3 kept
+        ctl.observe_cost(1, 0, seconds)
+    assert ctl.plain_cost(1) == 1.0 and ctl.plain[1].samples == 4
+    ctl.observe_cost(1, 1, 7.0)  # the step after switching to γ = 1
+    assert (1, 1) not in ctl.ratios
+    ctl.observe_cost(1, 1, 7.0)
+    assert ctl.ratios[(1, 1)].samples == 1
+
+
 def test_never_drafts_when_drafting_cannot_pay():
     """Zero acceptance and drafting that costs: after the γ ≤ 1 timings the policy settles on
     γ = 0, never tries γ ≥ 2 (it could not win even with free extra drafts), and re-probes
@@ -50,11 +120,12 @@ def test_never_drafts_when_drafting_cannot_pay():
 
 def test_losing_reprobes_back_off():
     """Drafting that never pays: each re-probe that leaves γ = 0 the best doubles the
-    bucket's interval (50, 100, 200, … ≤ 800 steps), so over 3,000 steps at most 10 drafting
-    steps run (2 warm-up timings + ~7 probes) instead of 60 at a fixed interval."""
+    bucket's interval (50, 100, 200, … ≤ 800 steps), so over 3,000 steps at most 20 drafting
+    steps run (γ = 1 explored in 5: one after the switch, one warm-up, 3 kept; then ~7
+    probes of 2 steps, the first untimed) instead of 120 at a fixed interval."""
     ctl = GammaController(gamma_max=3)
     chosen = _drive(ctl, 4, cost=lambda g: 1.0 + 0.5 * g, accept=lambda g: 0, steps=3000)
-    assert sum(1 for g in chosen if g) <= 10
+    assert sum(1 for g in chosen if g) <= 20
 
 
 def test_a_larger_batch_is_not_explored_when_a_smaller_one_lost():
@@ -81,7 +152,7 @@ def test_follows_a_drop_in_acceptance():
     ctl = GammaController(gamma_max=3)
     cost = lambda g: 1.0 + 0.15 * g  # noqa: E731
     _drive(ctl, 4, cost, accept=lambda g: g, steps=100)
-    assert ctl.choose(4) == 3
+    assert _drive(ctl, 4, cost, accept=lambda g: g, steps=20).count(3) >= 15
     late = _drive(ctl, 4, cost, accept=lambda g: 0, steps=300)
     assert late[-50:].count(0) >= 45
 
@@ -130,6 +201,8 @@ class _Scripted:
 
     def observe_acceptance(self, *args) -> None: ...
 
+    def observe_prefill(self) -> None: ...
+
 
 def _engine(model, gamma: int = 2) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model), mtp=str(model / "mtp"), draft_mode="rs",
@@ -156,12 +229,15 @@ def _first_draft_q(engine: LLMEngine, prompt: list[int], gammas: list[int]) -> t
     return captured["ctx"], captured["q"]
 
 
-def test_head_catch_up_after_plain_steps_equals_fresh_prefill(tiny_model, one_thread):
-    """After MAX_PENDING + 8 plain steps (the head's catch-up runs once in between), the next
-    drafting step's q equals the q a fresh engine drafts after prefilling the same context:
-    the head's cache holds exactly the pairs (h_j, x_{j+1}) it would have had (1e-5)."""
+def test_head_catch_up_after_plain_steps_equals_fresh_prefill(tiny_model, one_thread,
+                                                              monkeypatch):  # fmt: skip
+    """After MAX_PENDING + 8 plain steps (the head's catch-up runs once in between; the bound
+    is lowered to 24 so that the run fits the tiny model's context), the next drafting step's
+    q equals the q a fresh engine drafts after prefilling the same context: the head's cache
+    holds exactly the pairs (h_j, x_{j+1}) it would have had (1e-5)."""
+    monkeypatch.setattr(runner_module, "MAX_PENDING", 24)
     prompt = [3, 1, 4, 1, 5]
-    plain = MAX_PENDING + 8
+    plain = runner_module.MAX_PENDING + 8
     ctx, q = _first_draft_q(_engine(tiny_model), prompt, [0] * plain + [2])
     assert len(ctx) == len(prompt) + plain + 1
     ref_ctx, ref_q = _first_draft_q(_engine(tiny_model), ctx[:-1], [2])
