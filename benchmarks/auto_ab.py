@@ -1,12 +1,17 @@
-"""Auto policy vs plain decoding, interleaved: does speculation under `auto` ever lose?
+"""Does speculation under `auto` ever lose? Interleaved A/B against plain decoding.
 
-    python benchmarks/auto_ab.py --batch-sizes 64 4 --rounds 3 --max-tokens 48
+    python benchmarks/auto_ab.py                                 # SmolLM2 + its head, 1 4 16 64
+    python benchmarks/auto_ab.py --model demo --batch-sizes 1 16 --rounds 6
+    python benchmarks/auto_ab.py --engines none auto rs          # also fixed γ = 3
 
 The decode benchmark times each engine once per batch size in a fixed order, which on a
-small noisy CPU mixes warm-up and drift into the ratio. Here the two engines (no
-speculation; `rs` with spec_policy="auto", the default model and its head) alternate for
-`--rounds` rounds on the same seeded prompts; the ratio of best tokens/s is reported with
-every round's figures and the policy's γ_t histogram. Writes JSON under benchmarks/results/.
+small noisy CPU mixes warm-up and drift into the ratio. Here the engines (no speculation;
+`rs` under spec_policy="auto"; optionally `rs` at fixed γ) run the same seeded prompts in
+turn for `--rounds` rounds, the order reversed every other round (ABBA), after one warm-up
+generation each. The figure of merit is the median over rounds of the paired ratio
+auto ÷ plain (both timed within one round), with the best-of-rounds ratio beside it; the
+table also gives acceptance, E[accepted drafts per drafting step] and the policy's γ_t
+histogram for that batch size. Writes JSON and a plot under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,45 +27,155 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from decode import demo_prompts  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from bebop_spec import LLM, SamplingParams  # noqa: E402
+from bebop_spec.models.defaults import resolve_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build(model: str, mtp: str | None, engines: list[str], seqs: int, gamma: int) -> dict:
+    kw = dict(max_num_seqs=seqs, max_model_len=2048)
+    spec = dict(mtp=mtp, num_speculative_tokens=gamma, **kw)
+    make = {"none": lambda: LLM(model, draft_mode=None, **kw),
+            "auto": lambda: LLM(model, spec_policy="auto", **spec),
+            "rs": lambda: LLM(model, spec_policy="fixed", **spec)}  # fmt: skip
+    return {name: make[name]() for name in engines}
+
+
+def timed(llm: LLM, prompts, params) -> float:
+    """Generated tokens per second of one generate() call."""
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return sum(len(c.token_ids) for o in outs for c in o.outputs) / (time.perf_counter() - t0)
+
+
+def run_batch(llms: dict, prompts, params, rounds: int, bar) -> dict:
+    """Interleaved rounds at one batch size → per-engine tok/s lists and spec counters."""
+    for llm in llms.values():
+        llm.generate(prompts[: min(2, len(prompts))], params)  # warm-up: first shapes
+    before = {n: _counters(llm) for n, llm in llms.items()}
+    tps = {name: [] for name in llms}
+    order = list(llms)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            tps[name].append(timed(llms[name], prompts, params))
+            bar.update(1)
+    row = {"tok_s": tps}
+    for name, llm in llms.items():
+        if name != "none":
+            row[name] = _delta(before[name], _counters(llm))
+    return row
+
+
+def _counters(llm: LLM) -> dict:
+    s, policy = llm.spec_stats, llm.engine.gamma_policy
+    return {"drafts": s.num_drafts, "accepted": s.num_accepted_tokens,
+            "draft_tokens": s.num_draft_tokens,
+            "chosen": list(policy.chosen) if policy is not None else None}  # fmt: skip
+
+
+def _delta(a: dict, b: dict) -> dict:
+    drafts = b["drafts"] - a["drafts"]
+    out = {"acceptance": (b["accepted"] - a["accepted"]) / max(1, b["draft_tokens"] - a["draft_tokens"]),
+           "e_accepted": (b["accepted"] - a["accepted"]) / drafts if drafts else 0.0}  # fmt: skip
+    if a["chosen"] is not None:
+        out["gamma_chosen"] = [y - x for x, y in zip(a["chosen"], b["chosen"], strict=True)]
+    return out
+
+
+def summarise(batch: int, row: dict) -> dict:
+    tps = row["tok_s"]
+    out = {"batch": batch, "tok_s": tps,
+           "none_median": statistics.median(tps["none"])}  # fmt: skip
+    for name in tps:
+        if name == "none":
+            continue
+        paired = [a / b for a, b in zip(tps[name], tps["none"], strict=True)]
+        out[name] = {**row[name], "median": statistics.median(tps[name]), "paired": paired,
+                     "ratio_median": statistics.median(paired),
+                     "ratio_best": max(tps[name]) / max(tps["none"])}  # fmt: skip
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'batch':>5} {'engine':<6} {'tok/s':>8} {'plain':>8} {'÷ plain':>8} " \
+           f"{'best÷best':>9} {'accept':>7} {'E[A]':>5}  γ_t histogram (0..γ)"  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        for name, s in r.items():
+            if not isinstance(s, dict) or "ratio_median" not in s:
+                continue
+            print(f"{r['batch']:>5} {name:<6} {s['median']:>8.1f} {r['none_median']:>8.1f} "
+                  f"{s['ratio_median']:>7.3f}× {s['ratio_best']:>8.3f}× {s['acceptance']:>7.3f} "
+                  f"{s['e_accepted']:>5.2f}  {s.get('gamma_chosen', '-')}")  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    from bebop_spec.plotting import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [n for n in rows[0] if isinstance(rows[0][n], dict) and "paired" in rows[0][n]]
+    for i, name in enumerate(names):
+        xs = [j + 0.15 * (i - (len(names) - 1) / 2) for j in range(len(rows))]
+        ax.plot(xs, [r[name]["ratio_median"] for r in rows], "o-", label=f"{name} (median)")
+        for x, r in zip(xs, rows, strict=True):
+            ax.scatter([x] * len(r[name]["paired"]), r[name]["paired"], s=10, alpha=0.4)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(0.97, color="red", lw=0.8, ls="--", label="0.97 (never loses)")
+    ax.set_xticks(range(len(rows)), [f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("tokens/s ÷ plain decoding (paired, per round)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="target dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 4])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "auto_ab.json"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None, help="target dir, or 'demo' (default: SmolLM2)")
+    ap.add_argument("--mtp", default=None, help="MTP head dir (default: the model's head)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--gamma", type=int, default=3, help="γ_max under auto; γ of `rs`")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument(
+        "--engines", nargs="+", default=["none", "auto"], choices=["none", "auto", "rs"]
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=str(RESULTS / "auto_ab.json"))
     args = ap.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    seqs = max(args.batch_sizes)
-    llms = {"none": LLM(args.model, draft_mode=None, max_num_seqs=seqs),
-            "auto": LLM(args.model, max_num_seqs=seqs)}  # fmt: skip
+    if "none" not in args.engines:
+        ap.error("--engines must include none (the baseline)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, mtp = resolve_model(args.model, args.mtp)
+    llms = build(model, mtp, list(dict.fromkeys(args.engines)), max(args.batch_sizes), args.gamma)
+    tok = llms["none"].tokenizer
     rows = []
+    bar = tqdm(total=len(args.batch_sizes) * args.rounds * len(llms), desc="auto A/B")
     for bs in args.batch_sizes:
-        prompts = demo_prompts(llms["none"].tokenizer, bs, 0)
-        params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
-        for llm in llms.values():
-            llm.generate(prompts[:2], params)  # warm-up
-        tps = {name: [] for name in llms}
-        for _ in range(args.rounds):
-            for name, llm in llms.items():
-                t0 = time.perf_counter()
-                outs = llm.generate(prompts, params)
-                n = sum(len(c.token_ids) for o in outs for c in o.outputs)
-                tps[name].append(n / (time.perf_counter() - t0))
-        ratio = max(tps["auto"]) / max(tps["none"])
-        rows.append({"batch": bs, "none_tok_s": tps["none"], "auto_tok_s": tps["auto"],
-                     "ratio_of_best": ratio,
-                     "gamma_chosen": list(llms["auto"].engine.gamma_policy.chosen)})  # fmt: skip
-        print(f"batch {bs:3d}: plain {[round(x, 1) for x in tps['none']]}  auto "
-              f"{[round(x, 1) for x in tps['auto']]}  auto/plain (best) {ratio:.3f}  "
-              f"γ_t histogram {rows[-1]['gamma_chosen']}", flush=True)  # fmt: skip
+        prompts = demo_prompts(tok, bs, 0) if tok is not None else [[1, 2, 3]] * bs
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+        rows.append(summarise(bs, run_batch(llms, prompts, params, args.rounds, bar)))
+    bar.close()
+    print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": vars(args), "rows": rows}, indent=2))
+    meta = {**vars(args), "model": model, "mtp": mtp, "dtype": llms["none"].engine.dtype,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    plot(
+        rows,
+        out.with_suffix(".png"),
+        f"auto vs plain, {Path(model).name}, T = {args.temperature:g}",
+    )
     print(f"wrote {out}")
     return 0
 
