@@ -11,7 +11,9 @@ turn for `--rounds` rounds, the order reversed every other round (ABBA), after o
 generation each. The figure of merit is the median over rounds of the paired ratio
 auto ÷ plain (both timed within one round), with the best-of-rounds ratio beside it; the
 table also gives acceptance, E[accepted drafts per drafting step] and the policy's γ_t
-histogram for that batch size. Writes JSON and a plot under benchmarks/results/.
+histogram for that batch size. Generation stops at EOS as rollouts do; under auto the samples
+(and so their lengths) differ from plain decoding's, which on short answers makes the ratio
+noisy: --ignore-eos times equal lengths. Writes JSON and a plot under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=3, help="γ_max under auto; γ of `rs`")
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="always generate --max-tokens: every engine times the same lengths "
+                         "(under auto the samples differ from plain decoding's, and so would "
+                         "their lengths to EOS)")  # fmt: skip
     ap.add_argument(
         "--engines", nargs="+", default=["none", "auto"], choices=["none", "auto", "rs"]
     )
@@ -162,7 +168,8 @@ def main() -> int:
     bar = tqdm(total=len(args.batch_sizes) * args.rounds * len(llms), desc="auto A/B")
     for bs in args.batch_sizes:
         prompts = demo_prompts(tok, bs, 0) if tok is not None else [[1, 2, 3]] * bs
-        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                                ignore_eos=args.ignore_eos, seed=0)  # fmt: skip
         rows.append(summarise(bs, run_batch(llms, prompts, params, args.rounds, bar)))
     bar.close()
     print_table(rows)

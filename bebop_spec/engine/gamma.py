@@ -35,8 +35,10 @@ drafts were free. A bucket re-times its least recently measured drafting γ ever
 `reprobe_every` steps, in bursts of `burst` steps (the first untimed), so estimates follow the
 policy's entropy as it drifts; each re-probe that leaves γ = 0 the best doubles that interval
 (up to `max_backoff`×), and one after which drafting wins resets it. While drafting wins,
-plain steps are timed on a schedule of their own (bursts every `refill_every` steps until a
-row count's baseline has `window` timings, then every 2 · `reprobe_every`).
+plain steps are timed on a schedule of their own: bursts every `refill_every` steps until a
+row count's baseline has `window` timings, then every 2 · `refill_every` while the lead is
+narrower than `narrow` (a shared machine's speed drifts 2-3x over seconds here, so a narrow
+lead must rest on timings close in time), else every 2 · `reprobe_every`.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class GammaController:
     prior_weight: float = 2.0
     optimism: float = 1.0  # standard errors added to α: deep, rarely drafted positions get tried
     refill_every: int = 5  # while drafting leads, a new baseline is timed every this many steps
+    narrow: float = 1.25  # a drafting lead below this re-times the baseline every 2·refill_every
     accepted: list[float] = field(default_factory=list)  # decayed counts per position
     reached: list[float] = field(default_factory=list)
     plain: dict[int, _Cost] = field(default_factory=dict)  # seconds of a plain step, by rows
@@ -254,8 +257,10 @@ class GammaController:
         ratio measured at a smaller batch; larger γ only if it could win with free extra
         drafts); a plain step while drafting leads, every `refill_every` steps until the
         baseline has `window` timings (the first steps of a run are slow, and a slow baseline
-        makes every drafting step look cheap), then every 2 · `reprobe_every` (it follows the
-        context's growth); or a γ that beats the leader when both are
+        makes every drafting step look cheap), then every 2 · `refill_every` while the lead is
+        below `narrow` (the machine's speed drifts: a narrow lead must rest on timings close
+        in time), else every 2 · `reprobe_every` (it follows the context's growth); or a γ
+        that beats the leader when both are
         judged by their fastest recent timings (a burst of slow steps must not bury a γ
         until its timings age out)."""
         if not rates:
@@ -269,7 +274,12 @@ class GammaController:
                 return g  # c1 is a lower bound on cost(γ ≥ 1): only then can γ win
         leader = _best(rates)
         plain = self.plain[rows]
-        every = self.refill_every if plain.samples <= self.window else 2 * self.reprobe_every
+        if plain.samples <= self.window:
+            every = self.refill_every  # a new baseline: fill its window
+        elif rates[leader] < self.narrow * rates[0]:
+            every = 2 * self.refill_every  # a narrow lead: compare timings close in time
+        else:
+            every = 2 * self.reprobe_every
         if leader and step - plain.last_step >= every:
             self._queue_burst(rows, 0)
             return 0  # drafting leads: plain steps are timed only here
