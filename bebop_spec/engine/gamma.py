@@ -29,16 +29,15 @@ distributed (tests/engine/test_engine_exactness.py covers `auto`).
 
 Exploration is bounded, so that a policy whose drafts cannot pay costs almost nothing: a new
 row count is timed with plain steps (the baseline: free); γ = 1 is timed in a bucket only if
-it could win at the cheapest ratio a smaller bucket measured (a drafting step's cost relative
+it could win at the ratio the largest smaller bucket measured (a drafting step's cost relative
 to a plain one grows with the batch); a larger γ only if it could win even if its extra
 drafts were free. A bucket re-times its least recently measured drafting γ every
 `reprobe_every` steps, in bursts of `burst` steps (the first untimed), so estimates follow the
 policy's entropy as it drifts; each re-probe that leaves γ = 0 the best doubles that interval
 (up to `max_backoff`×), and one after which drafting wins resets it. While drafting wins,
-plain steps are timed on a schedule of their own: bursts every `refill_every` steps until a
-row count's baseline has `window` timings, then every 2 · `refill_every` while the lead is
-narrower than `narrow` (a shared machine's speed drifts 2-3x over seconds here, so a narrow
-lead must rest on timings close in time), else every 2 · `reprobe_every`.
+plain steps are timed on a schedule of their own: bursts every `refill_every` steps while the
+lead is narrower than `narrow` (a shared machine's speed drifts 2-3x over seconds here, so a
+narrow lead must rest on timings close in time), else every 2 · `reprobe_every`.
 """
 
 from __future__ import annotations
@@ -141,8 +140,8 @@ class GammaController:
     prior: float = 0.5  # α_1 before any evidence (pseudo-count `prior_weight`)
     prior_weight: float = 2.0
     optimism: float = 1.0  # standard errors added to α: deep, rarely drafted positions get tried
-    refill_every: int = 5  # while drafting leads, a new baseline is timed every this many steps
-    narrow: float = 1.25  # a drafting lead below this re-times the baseline every 2·refill_every
+    refill_every: int = 10  # a narrow drafting lead re-times the baseline every this many steps
+    narrow: float = 1.25  # a drafting lead below this is narrow
     accepted: list[float] = field(default_factory=list)  # decayed counts per position
     reached: list[float] = field(default_factory=list)
     plain: dict[int, _Cost] = field(default_factory=dict)  # seconds of a plain step, by rows
@@ -255,12 +254,10 @@ class GammaController:
     def _explore(self, rows: int, step: int, rates: dict[int, float]) -> int | None:
         """A γ worth timing: an unmeasured one (0 always; 1 if it could win at the cheapest
         ratio measured at a smaller batch; larger γ only if it could win with free extra
-        drafts); a plain step while drafting leads, every `refill_every` steps until the
-        baseline has `window` timings (the first steps of a run are slow, and a slow baseline
-        makes every drafting step look cheap), then every 2 · `refill_every` while the lead is
-        below `narrow` (the machine's speed drifts: a narrow lead must rest on timings close
-        in time), else every 2 · `reprobe_every` (it follows the context's growth); or a γ
-        that beats the leader when both are
+        drafts); a plain step while drafting leads, every `refill_every` steps while the lead
+        is below `narrow` (the machine's speed drifts: a narrow lead must rest on timings
+        close in time), else every 2 · `reprobe_every` (it follows the context's growth); or a
+        γ that beats the leader when both are
         judged by their fastest recent timings (a burst of slow steps must not bury a γ
         until its timings age out)."""
         if not rates:
@@ -274,10 +271,8 @@ class GammaController:
                 return g  # c1 is a lower bound on cost(γ ≥ 1): only then can γ win
         leader = _best(rates)
         plain = self.plain[rows]
-        if plain.samples <= self.window:
-            every = self.refill_every  # a new baseline: fill its window
-        elif rates[leader] < self.narrow * rates[0]:
-            every = 2 * self.refill_every  # a narrow lead: compare timings close in time
+        if rates[leader] < self.narrow * rates[0]:
+            every = self.refill_every  # a narrow lead: compare timings close in time
         else:
             every = 2 * self.reprobe_every
         if leader and step - plain.last_step >= every:
@@ -288,12 +283,14 @@ class GammaController:
         return challenger if fast[challenger] > fast[leader] else None
 
     def _ratio_floor(self, rows: int) -> float:
-        """A lower bound on cost(γ ≥ 1) / cost(0) at `rows`: the least ratio measured in a
-        bucket no larger (1 if none is)."""
+        """A lower bound on cost(γ ≥ 1) / cost(0) at `rows`: a drafting step's cost relative
+        to a plain one grows with the batch, so the least ratio of the largest smaller bucket
+        that has one (1 if none has)."""
         b = bucket(rows)
-        known = [r for bb in {bb for bb, _ in self.ratios if bb <= b}
-                 for r in self.bucket_ratios(bb).values()]  # fmt: skip
-        return min(known, default=1.0)
+        for bb in sorted({bb for bb, _ in self.ratios if bb < b}, reverse=True):
+            if known := self.bucket_ratios(bb):
+                return min(known.values())
+        return 1.0
 
     def _reprobe(self, rows: int, step: int, rates: dict[int, float]) -> int | None:
         """At the bucket's next probe step, the drafting γ whose estimate is oldest (ties:

@@ -74,8 +74,8 @@ def test_noisy_timings_do_not_flip_the_choice():
 def test_plain_baseline_is_retimed_while_drafting_wins():
     """Drafting wins throughout (acceptance 0.7 per position, drafts 10 % of a step) while
     every step's cost grows with the context (+60 % over 1,200 steps): the plain baseline is
-    re-timed (2-step bursts, the first untimed: every 5 steps until it has 9 timings, then
-    every 100), so its estimate follows the growth to within the ~300 steps its window spans
+    re-timed (2-step bursts, the first untimed, every 100 steps: the lead is wide), so its
+    estimate follows the growth to within the ~300 steps its window spans
     (> 1.4 at the end, where the step costs 1.6 and the first timings said 1.0), γ_max keeps
     > 90 % of the last 400 steps, and plain steps stay < 4 % after warm-up."""
     ctl = GammaController(gamma_max=3)
