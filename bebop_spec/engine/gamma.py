@@ -231,6 +231,8 @@ class GammaController:
             gamma, left = self._queued.pop(b)
             if left > 1:
                 self._queued[b] = (gamma, left - 1)
+        elif self.backoff.get(b, 1) > 1 and step < self.next_probe[b] and rows in self.plain:
+            gamma = 0  # a losing bucket between probes: nothing it could learn changes this
         else:
             gamma = self._decide(rows, step)
         self.chosen[gamma] += 1
