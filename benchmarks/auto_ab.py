@@ -155,6 +155,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(RESULTS / "auto_ab.json"))
     args = ap.parse_args()
+    omp = os.environ.get("OMP_WAIT_POLICY")  # as torch read it (set later, it does nothing)
     if "none" not in args.engines:
         ap.error("--engines must include none (the baseline)")
     if args.threads:
@@ -176,7 +177,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**vars(args), "model": model, "mtp": mtp, "dtype": llms["none"].engine.dtype,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # fmt: skip
+            "omp_wait_policy": omp}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     plot(
         rows,
