@@ -123,9 +123,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     names = [n for n in rows[0] if isinstance(rows[0][n], dict) and "paired" in rows[0][n]]
     for i, name in enumerate(names):
         xs = [j + 0.15 * (i - (len(names) - 1) / 2) for j in range(len(rows))]
-        ax.plot(xs, [r[name]["ratio_median"] for r in rows], "o-", label=f"{name} (median)")
+        (line,) = ax.plot(xs, [r[name]["ratio_median"] for r in rows], "o-",
+                          label=f"{name} (median; dots: rounds)")  # fmt: skip
         for x, r in zip(xs, rows, strict=True):
-            ax.scatter([x] * len(r[name]["paired"]), r[name]["paired"], s=10, alpha=0.4)
+            ax.scatter([x] * len(r[name]["paired"]), r[name]["paired"], s=10, alpha=0.4,
+                       color=line.get_color())  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(0.97, color="red", lw=0.8, ls="--", label="0.97 (never loses)")
     ax.set_xticks(range(len(rows)), [f"batch {r['batch']}" for r in rows])
