@@ -213,9 +213,22 @@ class GammaController:
         ratio = self.bucket_ratios(bucket(rows), quantile).get(gamma)
         return base * ratio if ratio is not None else None
 
+    def _bucket_base(self, rows: int, quantile: float) -> float | None:
+        """The plain estimate at `rows`, else at the nearest row count of its bucket that has
+        one: the decision compares γ's at one base (it cancels), and in an RL long tail the
+        rows change every few steps, too fast to time each row count before drafting."""
+        own = self.plain_cost(rows, exact=True, quantile=quantile)
+        if own is not None:
+            return own
+        b = bucket(rows)
+        near = [r for r, c in self.plain.items() if bucket(r) == b and c.trusted]
+        if not near:
+            return None
+        return self.plain[min(near, key=lambda r: (abs(r - rows), r))].estimate(quantile)
+
     def rates(self, rows: int, quantile: float = QUANTILE) -> dict[int, float]:
         """Expected tokens per second per row for every γ whose cost is known."""
-        base = self.plain_cost(rows, exact=True, quantile=quantile)
+        base = self._bucket_base(rows, quantile)
         if not base:
             return {}
         alpha = self.alpha(self.optimism)
@@ -272,12 +285,12 @@ class GammaController:
             if g not in rates and expected_tokens(alpha, g) / c1 > best:
                 return g  # c1 is a lower bound on cost(γ ≥ 1): only then can γ win
         leader = _best(rates)
-        plain = self.plain[rows]
+        plain = self.plain.get(rows)
         if rates[leader] < self.narrow * rates[0]:
             every = self.refill_every  # a narrow lead: compare timings close in time
         else:
             every = 2 * self.reprobe_every
-        if leader and step - plain.last_step >= every:
+        if leader and (plain is None or step - plain.last_step >= every):
             self._queue_burst(rows, 0)
             return 0  # drafting leads: plain steps are timed only here
         fast = self.rates(rows, quantile=0.0)
@@ -302,7 +315,7 @@ class GammaController:
         if step < due:
             return None
         measured = [(c.last_step, g) for (bb, g), c in self.ratios.items() if bb == b]
-        losing = bool(rates) and _best(rates) == 0
+        losing = len(rates) > 1 and _best(rates) == 0  # γ = 0 beat a measured drafting γ
         factor = min(2 * self.backoff.get(b, 1), self.max_backoff) if losing else 1
         self.backoff[b] = factor
         self.next_probe[b] = step + self.reprobe_every * factor
