@@ -156,4 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, skip interpreter finalization: gloo's worker threads can still be
+        # joinable when the process group's last reference dies there, and the rank then
+        # aborts ("terminate called without an active exception", exit -6) after its work
+        # is done and saved (seen once in CI, 2026-12-04; the run is complete by then).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
