@@ -62,10 +62,11 @@ def test_default_llm_is_smollm2_with_its_head_and_greedy_is_exact():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the suite's 600 s cut a run off at 10 min (2026-12-04)
 def test_recipe_rebuild_matches_shipped_head(tmp_path):
     """`bebop mtp recipe smollm2` from scratch (fresh data, fresh head) reaches the shipped
     head's held-out rs acceptance at T = 1 within 2 points per domain (same held-out data
-    settings, HELDOUT)."""
+    settings, HELDOUT). Runs ~40 min on 2 bf16 CPU cores, past the suite's default timeout."""
     from bebop_spec.train.recipes import build, evaluate_head
 
     out = build("smollm2", tmp_path / "head", progress=False)
