@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from decode import demo_prompts  # noqa: E402
+from decode import _delta, _snapshot, demo_prompts  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bebop_spec import LLM, SamplingParams  # noqa: E402
@@ -57,7 +57,7 @@ def run_batch(llms: dict, prompts, params, rounds: int, bar) -> dict:
     """Interleaved rounds at one batch size → per-engine tok/s lists and spec counters."""
     for llm in llms.values():
         llm.generate(prompts[: min(2, len(prompts))], params)  # warm-up: first shapes
-    before = {n: _counters(llm) for n, llm in llms.items()}
+    before = {n: (_snapshot(llm), _chosen(llm)) for n, llm in llms.items()}
     tps = {name: [] for name in llms}
     order = list(llms)
     for r in range(rounds):
@@ -67,23 +67,22 @@ def run_batch(llms: dict, prompts, params, rounds: int, bar) -> dict:
     row = {"tok_s": tps}
     for name, llm in llms.items():
         if name != "none":
-            row[name] = _delta(before[name], _counters(llm))
+            row[name] = _spec_row(llm, *before[name])
     return row
 
 
-def _counters(llm: LLM) -> dict:
-    s, policy = llm.spec_stats, llm.engine.gamma_policy
-    return {"drafts": s.num_drafts, "accepted": s.num_accepted_tokens,
-            "draft_tokens": s.num_draft_tokens,
-            "chosen": list(policy.chosen) if policy is not None else None}  # fmt: skip
+def _chosen(llm: LLM) -> list[int] | None:
+    policy = llm.engine.gamma_policy
+    return list(policy.chosen) if policy is not None else None
 
 
-def _delta(a: dict, b: dict) -> dict:
-    drafts = b["drafts"] - a["drafts"]
-    out = {"acceptance": (b["accepted"] - a["accepted"]) / max(1, b["draft_tokens"] - a["draft_tokens"]),
-           "e_accepted": (b["accepted"] - a["accepted"]) / drafts if drafts else 0.0}  # fmt: skip
-    if a["chosen"] is not None:
-        out["gamma_chosen"] = [y - x for x, y in zip(a["chosen"], b["chosen"], strict=True)]
+def _spec_row(llm: LLM, snapshot: dict, chosen: list[int] | None) -> dict:
+    """Acceptance, E[accepted drafts per drafting step] and γ_t histogram since `snapshot`."""
+    d = _delta(llm, snapshot)
+    out = {"acceptance": d["accepted"] / max(1, d["draft_tokens"]),
+           "e_accepted": d["accepted"] / d["drafts"] if d["drafts"] else 0.0}  # fmt: skip
+    if chosen is not None:
+        out["gamma_chosen"] = [y - x for x, y in zip(chosen, _chosen(llm), strict=True)]
     return out
 
 

@@ -82,10 +82,6 @@ class _Cost:
     def trusted(self) -> bool:
         return self.samples > MIN_TIMINGS  # the first timing was dropped
 
-    @property
-    def seconds(self) -> float | None:
-        return self.estimate(QUANTILE)
-
     def estimate(self, quantile: float) -> float | None:
         """The `quantile` of the recent timings (0: the fastest)."""
         if not self.recent:
@@ -179,15 +175,16 @@ class GammaController:
             out.append(min(1.0, prev + bonus))
         return out
 
-    def plain_cost(self, rows: int, exact: bool = False, quantile: float = QUANTILE
-                   ) -> float | None:  # fmt: skip
+    def plain_cost(self, rows: int, exact: bool = False, quantile: float = QUANTILE,
+                   same_bucket: bool = False) -> float | None:  # fmt: skip
         """Seconds of a plain step of `rows` rows; else (not `exact`) that of the nearest row
-        count measured."""
+        count measured (with `same_bucket`, the nearest in bucket(rows))."""
         c = self.plain.get(rows)
-        if exact or (c is not None and c.trusted):
-            return c.estimate(quantile) if c is not None and c.trusted else None
-        known = [r for r, c in self.plain.items() if c.trusted]
-        if not known:
+        if c is not None and c.trusted:
+            return c.estimate(quantile)
+        known = [r for r, c in self.plain.items()
+                 if c.trusted and not (same_bucket and bucket(r) != bucket(rows))]  # fmt: skip
+        if exact or not known:
             return None
         return self.plain[min(known, key=lambda r: (abs(r - rows), r))].estimate(quantile)
 
@@ -206,29 +203,11 @@ class GammaController:
             self._ratio_cache[key] = {g: v for (g, _, _), v in zip(known, fit, strict=True)}
         return self._ratio_cache[key]
 
-    def cost(self, rows: int, gamma: int, quantile: float = QUANTILE) -> float | None:
-        base = self.plain_cost(rows, exact=True, quantile=quantile)
-        if gamma == 0 or base is None:
-            return base
-        ratio = self.bucket_ratios(bucket(rows), quantile).get(gamma)
-        return base * ratio if ratio is not None else None
-
-    def _bucket_base(self, rows: int, quantile: float) -> float | None:
-        """The plain estimate at `rows`, else at the nearest row count of its bucket that has
-        one: the decision compares γ's at one base (it cancels), and in an RL long tail the
-        rows change every few steps, too fast to time each row count before drafting."""
-        own = self.plain_cost(rows, exact=True, quantile=quantile)
-        if own is not None:
-            return own
-        b = bucket(rows)
-        near = [r for r, c in self.plain.items() if bucket(r) == b and c.trusted]
-        if not near:
-            return None
-        return self.plain[min(near, key=lambda r: (abs(r - rows), r))].estimate(quantile)
-
     def rates(self, rows: int, quantile: float = QUANTILE) -> dict[int, float]:
-        """Expected tokens per second per row for every γ whose cost is known."""
-        base = self._bucket_base(rows, quantile)
+        """Expected tokens per second per row for every γ whose cost is known. The base is
+        the nearest row count of the bucket when `rows` has none yet: it cancels between γ's,
+        and in an RL long tail the rows change every few steps, too fast to time each."""
+        base = self.plain_cost(rows, quantile=quantile, same_bucket=True)
         if not base:
             return {}
         alpha = self.alpha(self.optimism)
@@ -267,14 +246,13 @@ class GammaController:
             self._queued[bucket(rows)] = (gamma, self.burst - 1)
 
     def _explore(self, rows: int, step: int, rates: dict[int, float]) -> int | None:
-        """A γ worth timing: an unmeasured one (0 always; 1 if it could win at the cheapest
-        ratio measured at a smaller batch; larger γ only if it could win with free extra
-        drafts); a plain step while drafting leads, every `refill_every` steps while the lead
-        is below `narrow` (the machine's speed drifts: a narrow lead must rest on timings
-        close in time), else every 2 · `reprobe_every` (it follows the context's growth); or a
-        γ that beats the leader when both are
-        judged by their fastest recent timings (a burst of slow steps must not bury a γ
-        until its timings age out)."""
+        """A γ worth timing: an unmeasured one (0 always; 1 if it could win at the floor of
+        `_ratio_floor`; larger γ only if it could win with free extra drafts); a plain step
+        while drafting leads, every `refill_every` steps while the lead is below `narrow`
+        (the machine's speed drifts: a narrow lead must rest on timings close in time), else
+        every 2 · `reprobe_every` (it follows the context's growth); or a γ that beats the
+        leader when both are judged by their fastest recent timings (a burst of slow steps
+        must not bury a γ until its timings age out)."""
         if not rates:
             return 0
         alpha = self.alpha(self.optimism)
