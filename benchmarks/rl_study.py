@@ -8,7 +8,9 @@ Every configuration runs `clients/examples/grpo.py` (trainer process + server su
 gloo pushes) with the same seed, prompts, samples per step and max tokens; only the rollout
 side changes: no speculation; `to` + CE head; `rs` + CE head; `rs` + e2e-TV head; and the
 e2e-TV head trained online with TV (or CE) on the fresh rollouts (`--online-head`, pushed
-with selector "draft"). Heads come from `bebop mtp data` + `bebop mtp train --loss ce|e2e_tv`
+with selector "draft"). These draft a fixed γ on every step, so their acceptance compares
+alike; `rs_tv_auto` (not in the default set) serves the e2e-TV head under the `auto` policy,
+which drafts only where it pays, for the step speedup a user would get. Heads come from `bebop mtp data` + `bebop mtp train --loss ce|e2e_tv`
 (one dataset, one budget, cached under --cache-dir) unless given. Per step it logs entropy,
 acceptance, accepted length, rollout and step time; per configuration it fits acceptance
 against entropy (`bebop_spec.analysis`: per draft position from the /metrics entropy buckets,
@@ -42,6 +44,7 @@ class Config:
     head: str | None  # "ce" | "e2e_tv": which pre-RL head is served
     online: str | None  # loss of the online head updates, None: frozen
     label: str
+    spec_policy: str = "fixed"  # "auto": γ_t chosen per step (engine/gamma.py)
 
 
 CONFIGS = {
@@ -51,7 +54,10 @@ CONFIGS = {
     "rs_tv": Config("rs", "e2e_tv", None, "rs + e2e-TV head"),
     "rs_tv_online_tv": Config("rs", "e2e_tv", "e2e_tv", "rs + e2e-TV, online TV"),
     "rs_tv_online_ce": Config("rs", "e2e_tv", "ce", "rs + e2e-TV, online CE"),
+    "rs_tv_auto": Config("rs", "e2e_tv", None, "rs + e2e-TV, auto γ", spec_policy="auto"),
 }
+# The study's default set: each drafts every step (fixed γ), so acceptance is measured alike.
+DEFAULT_CONFIGS = [n for n, c in CONFIGS.items() if c.spec_policy == "fixed"]
 
 
 # ------------------------------------------------------------------------ setup: heads
@@ -120,7 +126,7 @@ def grpo_command(cfg: Config, model: Path, heads: dict, out: Path, args) -> list
            str(args.prompts_per_step), "--group-size", str(args.group_size), "--max-tokens",
            str(args.max_tokens), "--lr", str(args.lr), "--temperature", str(args.temperature),
            "--entropy-coef", str(args.entropy_coef), "--seed", str(args.seed), "--quiet",
-           "--spec-policy", "fixed"]  # the study measures acceptance: every step drafts γ  # fmt: skip
+           "--spec-policy", cfg.spec_policy]  # fmt: skip
     if args.temperature_end is not None:
         cmd += ["--temperature-end", str(args.temperature_end)]
     if cfg.head:
@@ -168,7 +174,8 @@ def run_config(name: str, cmd: list[str], out: Path, bar: tqdm, steps: int) -> d
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    a("--configs", default=",".join(DEFAULT_CONFIGS),
+      help=f"comma-separated, of {', '.join(CONFIGS)} (default: all but rs_tv_auto)")  # fmt: skip
     a("--model", help="target dir (default: the demo model, built once)")
     a("--ce-head", help="CE head dir (default: trained in the setup stage, cached)")
     a("--tv-head", help="e2e-TV head dir (default: trained in the setup stage, cached)")

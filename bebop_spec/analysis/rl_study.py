@@ -104,6 +104,11 @@ def check_targets(s: dict) -> list[dict]:
         out.append({"target": "RL step rs_tv >= 1.4x faster than no speculation",
                     "measured": f"{tv['step_speedup']:.2f}x (rollout {tv['rollout_speedup']:.2f}x)",
                     "met": tv["step_speedup"] >= 1.4})  # fmt: skip
+    auto = s.get("rs_tv_auto") or {}
+    if auto.get("step_speedup"):
+        out.append({"target": "RL step rs_tv_auto >= 1.2x faster than no speculation",
+                    "measured": f"{auto['step_speedup']:.2f}x (rollout {auto['rollout_speedup']:.2f}x)",
+                    "met": auto["step_speedup"] >= 1.2})  # fmt: skip
     return out
 
 

@@ -43,13 +43,14 @@ def records(acc0: float, drift: float, slope: float, step_s: float, steps: int =
 
 def test_summaries_fits_targets_and_report(study, tmp_path):
     """On synthetic records the position fit recovers each planted slope (±2e-3, n = 8·3000), step
-    speedups are the step-time ratios to "none" and drift has the planted sign; all 3 targets
-    are met, the table and both plots are written, and the summaries are JSON-serialisable."""
+    speedups are the step-time ratios to "none" and drift has the planted sign; all 4 targets
+    (auto's step speedup 1.25x among them) are met, the table and both plots are written, and the summaries are JSON-serialisable."""
     runs = {
         "none": {"records": [{**r, "acceptance": None, "mean_accepted_length": None,
                               "entropy_buckets": []} for r in records(0, 0, 0, 10.0)]},
         "to_ce": {"records": records(0.7, -0.08, -0.3, 7.0)},
         "rs_tv": {"records": records(0.8, -0.01, -0.02, 5.0)},
+        "rs_tv_auto": {"records": records(0.8, -0.01, -0.02, 8.0)},
     }  # fmt: skip
     summaries = {n: study.summarize(r["records"], warmup=1) for n, r in runs.items()}
     study.add_speedups(summaries)
@@ -61,9 +62,10 @@ def test_summaries_fits_targets_and_report(study, tmp_path):
     assert to["drift_pts"] < -5 and abs(tv["drift_pts"]) < 3
     assert "fit_positions" not in summaries["none"] and "drift_pts" not in summaries["none"]
     met = {t["target"].split(" (")[0]: t["met"] for t in study.check_targets(summaries)}
-    assert all(met.values()) and len(met) == 3
+    assert all(met.values()) and len(met) == 4
+    assert summaries["rs_tv_auto"]["step_speedup"] == pytest.approx(1.25)
     md = study.table(summaries, {n: c.label for n, c in study.CONFIGS.items()})
-    assert md.count("\n") == 4 and "rs + e2e-TV head" in md and "2.00×" in md
+    assert md.count("\n") == 5 and "rs + e2e-TV head" in md and "2.00×" in md
     study.plot(runs, summaries, tmp_path, {n: c.label for n, c in study.CONFIGS.items()})
     assert (tmp_path / "rl_study.png").exists() and (
         tmp_path / "acceptance_vs_entropy.png"
@@ -72,14 +74,15 @@ def test_summaries_fits_targets_and_report(study, tmp_path):
 
 
 def test_grpo_command_keeps_the_run_identical_across_configs(study):
-    """Only the rollout side (draft mode, head, online loss) differs between configurations."""
+    """Only the rollout side (draft mode, head, online loss, spec policy) differs between
+    configurations; every default configuration drafts a fixed γ, rs_tv_auto runs `auto`."""
     args = study.parser().parse_args(["--steps", "3", "--max-tokens", "32"])
     heads = {"ce": "/h/ce", "e2e_tv": "/h/tv"}
     cmds = {n: study.grpo_command(c, Path("/m"), heads, Path("/o"), args)
             for n, c in study.CONFIGS.items()}  # fmt: skip
 
     def shared(cmd: list[str]) -> list[str]:
-        keep, skip = [], {"--draft-mode", "--mtp", "--online-head"}
+        keep, skip = [], {"--draft-mode", "--mtp", "--online-head", "--spec-policy"}
         it = iter(cmd[2:])
         for tok in it:
             if tok in skip:
@@ -91,3 +94,7 @@ def test_grpo_command_keeps_the_run_identical_across_configs(study):
     assert len({tuple(shared(c)) for c in cmds.values()}) == 1
     assert "--sync" in cmds["none"] and "/h/tv" in cmds["rs_tv_online_ce"]
     assert cmds["rs_tv_online_tv"][-3:-1] == ["--online-head", "e2e_tv"]
+    policy = {n: c[c.index("--spec-policy") + 1] for n, c in cmds.items()}
+    assert policy.pop("rs_tv_auto") == "auto" and set(policy.values()) == {"fixed"}
+    defaults = set(args.configs.split(","))
+    assert "rs_tv_auto" not in defaults and set(policy) == defaults
