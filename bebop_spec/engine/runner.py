@@ -25,7 +25,7 @@ from bebop_spec.errors import WeightUpdateError
 from bebop_spec.hardware import kv_budget_bytes
 from bebop_spec.models import LoadedModel, PagedKVCache
 from bebop_spec.models.layers import fuse_projections, linear
-from bebop_spec.models.mtp_io import draft_vocab_default, load_draft_vocab
+from bebop_spec.models.mtp_io import resolve_draft_vocab
 from bebop_spec.spec import (
     SamplingTensors,
     TokenHistory,
@@ -142,14 +142,10 @@ class ModelRunner:
         return self.mtp_cache is not None
 
     def _draft_vocab(self, config: EngineConfig, vocab: int) -> torch.Tensor | None:
-        head = config.mtp or config.model
-        k = config.draft_vocab_size
-        if k is None and self.speculative:
-            k = draft_vocab_default(head)
-        if not self.speculative or not k or k >= vocab:
+        if not self.speculative:
             return None
-        ids = load_draft_vocab(head, k, vocab)
-        return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
+        ids = resolve_draft_vocab(config.mtp or config.model, config.draft_vocab_size, vocab)
+        return None if ids is None else torch.tensor(sorted(ids), device=self.device)
 
     def draft_logits(self, g: torch.Tensor) -> torch.Tensor:
         """Draft logits[B, V] of head outputs g[B, H]: over draft_ids only, −∞ elsewhere

@@ -224,6 +224,17 @@ def draft_vocab_default(directory: str | Path) -> int | None:
     return int(size) if size else None
 
 
+def resolve_draft_vocab(directory: str | Path, size: int | None, vocab_size: int
+                        ) -> list[int] | None:  # fmt: skip
+    """The token ids a head in `directory` drafts over when served with draft_vocab_size =
+    `size` (None: the head's own default, `draft_vocab_default`; 0: all): None when that is
+    the whole vocabulary."""
+    k = draft_vocab_default(directory) if size is None else size
+    if not k or k >= vocab_size:
+        return None
+    return load_draft_vocab(directory, k, vocab_size)
+
+
 def load_draft_vocab(directory: str | Path, size: int, vocab_size: int) -> list[int]:
     """The `size` most frequent token ids of the head in `directory` (ModelLoadError if it
     has no ranking or the ranking does not fit the vocabulary)."""

@@ -234,6 +234,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="q over the head's K most frequent tokens, as the engine serves it "
+                   "(default: the head's own, its draft_vocab.json; 0: the full vocabulary)")  # fmt: skip
     _common(p)
     return p
 
@@ -248,7 +251,8 @@ def cmd_eval(argv: list[str]) -> int:
                      measured=not args.no_measured, max_sequences=args.max_sequences,
                      measure_prompts=args.measure_prompts, max_tokens=args.max_tokens,
                      seq_len=args.seq_len, top_p=args.top_p, seed=args.seed,
-                     device=args.device, dtype=args.dtype)  # fmt: skip
+                     device=args.device, dtype=args.dtype,
+                     draft_vocab_size=args.draft_vocab_size)  # fmt: skip
     _setup(args)
     rows = evaluate(cfg, progress=not args.quiet)
     print(format_table(rows))

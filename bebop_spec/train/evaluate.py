@@ -6,7 +6,8 @@
 
 Two estimates of the same quantities:
 - analytic: on the teacher-forced γ-chains of held-out self-distilled sequences, with p and q
-  processed at temperature T (and top-p) exactly as the engine does:
+  processed at temperature T (and top-p) exactly as the engine does — q over the head's
+  draft vocabulary when it is served with one (−∞ outside it, spec/draft_vocab.py):
       α_i(rs) = Σ_v min(p_i(v), q_i(v)),   α_i(to) = p_i(argmax q_i);
   per chain P(draft j accepted) = Π_{i≤j} α_i and E[A] = Σ_j Π_{i≤j} α_i, averaged over chains.
   (The chain feeds the data tokens, sampled from p at the data's temperature, where the engine
@@ -63,6 +64,9 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    # q over the head's K most frequent tokens, as the engine serves it: None = the head's own
+    # default (its draft_vocab.json), 0 = the full vocabulary
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         self.temperatures = tuple(float(t) for t in self.temperatures)
@@ -81,6 +85,8 @@ class EvalConfig:
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("dtype", self.dtype in _DTYPES, f"must be one of {sorted(_DTYPES)}"),
+            ("draft_vocab_size", self.draft_vocab_size is None or self.draft_vocab_size >= 0,
+             "must be >= 0 (or None)"),
         ]  # fmt: skip
         for name, ok, why in checks:
             if not ok:
@@ -123,10 +129,14 @@ def _sampling(temperature: float, top_p: float, rows: int) -> SamplingTensors:
 
 
 def chain_acceptance(
-    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float, top_p: float = 1.0
-) -> dict[str, torch.Tensor]:
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float,
+    top_p: float = 1.0, outside_draft_vocab: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """draft/target logits [N,γ,V] -> {"rs": α[N,γ], "to": α[N,γ], "entropy": H(p)[N,γ]} with p
-    and q processed at `temperature` / `top_p` (the engine's process_logits)."""
+    and q processed at `temperature` / `top_p` (the engine's process_logits);
+    `outside_draft_vocab` [V] bool: q = 0 on these tokens (a draft vocabulary)."""
+    if outside_draft_vocab is not None:
+        draft_logits = draft_logits.masked_fill(outside_draft_vocab, float("-inf"))
     n = draft_logits.shape[0]
     st = _sampling(temperature, top_p, n)
     p = process_logits(target_logits, st)
@@ -162,9 +172,10 @@ def _domain_rows(ds: DistillDataset, domain: str, limit: int) -> list[int]:
 @torch.no_grad()
 def analytic_acceptance(
     target: torch.nn.Module, head: torch.nn.Module, ds: DistillDataset, cfg: EvalConfig,
-    domains: Iterable[str], progress: bool = True,
+    domains: Iterable[str], progress: bool = True, draft_ids: list[int] | None = None,
 ) -> list[AcceptanceRow]:  # fmt: skip
-    """Rows of Σ min(p, q) / p(argmax q) acceptance on the teacher-forced chains of `ds`."""
+    """Rows of Σ min(p, q) / p(argmax q) acceptance on the teacher-forced chains of `ds`, q over
+    `draft_ids` only when given (a draft vocabulary)."""
     from tqdm.auto import tqdm
 
     from bebop_spec.train.chain import teacher_forced_chain
@@ -172,6 +183,10 @@ def analytic_acceptance(
     head.eval()
     # The engine's own attention context where the chain can mirror it (one-layer heads).
     context = "serve" if head.num_layers == 1 else "causal"
+    outside = None
+    if draft_ids is not None:
+        outside = torch.ones(target.config.vocab_size, dtype=torch.bool, device=cfg.device)
+        outside[torch.tensor(draft_ids, device=cfg.device)] = False
     out = []
     for domain in domains:
         rows = _domain_rows(ds, domain, cfg.max_sequences)
@@ -184,7 +199,8 @@ def analytic_acceptance(
             if chain.num_chains == 0:
                 continue
             for t in cfg.temperatures:
-                acc = chain_acceptance(chain.draft_logits, chain.target_logits, t, cfg.top_p)
+                acc = chain_acceptance(chain.draft_logits, chain.target_logits, t, cfg.top_p,
+                                       outside)  # fmt: skip
                 for m in cfg.modes:
                     sums[m, t].add(acc[m].cpu(), acc["entropy"].cpu())
         out += [s.row(domain, m, t) for (m, t), s in sums.items() if s.count]
@@ -207,6 +223,7 @@ def measured_acceptance(
     max_len = max(len(ids) for _, ids in flat) + cfg.max_tokens + cfg.gamma + 2
     for mode in cfg.modes:
         llm = LLM(cfg.model, mtp=cfg.mtp, num_speculative_tokens=cfg.gamma, draft_mode=mode,
+                  draft_vocab_size=cfg.draft_vocab_size,
                   spec_policy="fixed",  # measures the head at γ: every step drafts γ
                   max_num_seqs=min(64, len(flat)), max_model_len=max_len, dtype=cfg.dtype,
                   device=cfg.device, seed=cfg.seed)  # fmt: skip
@@ -254,6 +271,7 @@ def _check_data(ds: DistillDataset, vocab: int) -> None:
 def evaluate(cfg: EvalConfig, progress: bool = True) -> list[AcceptanceRow]:
     """Analytic and/or measured rows for every (domain, mode, temperature) of cfg."""
     from bebop_spec.models import load_model
+    from bebop_spec.models.mtp_io import resolve_draft_vocab
     from bebop_spec.train.selfdistill import prompts_of
 
     ds = read_dataset(cfg.data)
@@ -265,9 +283,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[AcceptanceRow]:
     if loaded.mtp is None:
         raise ValueError(f"no MTP head: {cfg.model} has none and no --mtp was given")
     _check_data(ds, loaded.config.vocab_size)
+    vocab = loaded.config.vocab_size
+    draft_ids = resolve_draft_vocab(cfg.mtp or cfg.model, cfg.draft_vocab_size, vocab)
     rows = []
     if cfg.analytic:
-        rows += analytic_acceptance(loaded.target.eval(), loaded.mtp, ds, cfg, domains, progress)
+        rows += analytic_acceptance(loaded.target.eval(), loaded.mtp, ds, cfg, domains, progress,
+                                    draft_ids)  # fmt: skip
     del loaded
     if cfg.measured:
         prompts = {d: prompts_of(ds, d, cfg.measure_prompts) for d in domains}
