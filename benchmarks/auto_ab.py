@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from decode import _delta, _snapshot, demo_prompts  # noqa: E402
+from decode import _delta, _snapshot, concurrency, demo_prompts  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bebop_spec import LLM, SamplingParams  # noqa: E402
@@ -154,6 +154,8 @@ def main() -> int:
         "--engines", nargs="+", default=["none", "auto"], choices=["none", "auto", "rs"]
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--min-prompts", type=int, default=8,
+                    help="prompts per batch size: max(batch, this), at most `batch` at once")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS / "auto_ab.json"))
     args = ap.parse_args()
     omp = os.environ.get("OMP_WAIT_POLICY")  # as torch read it (set later, it does nothing)
@@ -169,7 +171,10 @@ def main() -> int:
     rows = []
     bar = tqdm(total=len(args.batch_sizes) * args.rounds * len(llms), desc="auto A/B")
     for bs in args.batch_sizes:
-        prompts = demo_prompts(tok, bs, 0) if tok is not None else [[1, 2, 3]] * bs
+        n = max(bs, args.min_prompts)
+        prompts = demo_prompts(tok, n, 0) if tok is not None else [[1, 2, 3]] * n
+        for llm in llms.values():
+            concurrency(llm, bs)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                                 ignore_eos=args.ignore_eos, seed=0)  # fmt: skip
         rows.append(summarise(bs, run_batch(llms, prompts, params, args.rounds, bar)))
