@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from decode import _delta, _snapshot, concurrency, demo_prompts  # noqa: E402
+from decode import _delta, _snapshot, batch_workload  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bebop_spec import LLM, SamplingParams  # noqa: E402
@@ -171,10 +171,7 @@ def main() -> int:
     rows = []
     bar = tqdm(total=len(args.batch_sizes) * args.rounds * len(llms), desc="auto A/B")
     for bs in args.batch_sizes:
-        n = max(bs, args.min_prompts)
-        prompts = demo_prompts(tok, n, 0) if tok is not None else [[1, 2, 3]] * n
-        for llm in llms.values():
-            concurrency(llm, bs)
+        prompts = batch_workload(llms.values(), tok, bs, args.min_prompts, 0)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                                 ignore_eos=args.ignore_eos, seed=0)  # fmt: skip
         rows.append(summarise(bs, run_batch(llms, prompts, params, args.rounds, bar)))

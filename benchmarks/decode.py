@@ -76,9 +76,13 @@ def time_engine(llm: LLM, prompts, params, repeats: int) -> tuple[float, int]:
     return best, tokens
 
 
-def concurrency(llm: LLM, batch: int) -> None:
-    """Run at most `batch` sequences at once (the scheduler's max_num_seqs, lowered)."""
-    llm.engine.scheduler.max_num_seqs = batch
+def batch_workload(engines, tokenizer, batch: int, min_prompts: int, seed: int) -> list[list[int]]:
+    """max(batch, min_prompts) demo prompts, every engine set to run at most `batch` of them
+    at once (the scheduler's max_num_seqs, lowered)."""
+    for llm in engines:
+        llm.engine.scheduler.max_num_seqs = batch
+    n = max(batch, min_prompts)
+    return demo_prompts(tokenizer, n, seed) if tokenizer is not None else [[1, 2, 3]] * n
 
 
 def time_hf(model_dir: str, prompts, max_tokens: int, repeats: int, ignore_eos: bool,
@@ -244,10 +248,7 @@ def main() -> None:
     rows = []
     bar = tqdm(total=len(args.batch_sizes) * (2 + len(spec_modes)), desc="decode bench")
     for bs in args.batch_sizes:
-        n = max(bs, args.min_prompts)
-        prompts = demo_prompts(tok, n, args.seed) if tok is not None else [[1, 2, 3]] * n
-        for llm in engines.values():
-            concurrency(llm, bs)
+        prompts = batch_workload(engines.values(), tok, bs, args.min_prompts, args.seed)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                                 ignore_eos=args.ignore_eos, seed=args.seed)  # fmt: skip
         hf = None if args.skip_hf else time_hf(model, prompts, args.max_tokens, args.repeats,

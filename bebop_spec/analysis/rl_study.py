@@ -100,15 +100,12 @@ def check_targets(s: dict) -> list[dict]:
         out.append({"target": "rs_tv drifts <= 3 pts while to_ce degrades",
                     "measured": f"rs_tv {tv['drift_pts']:+.1f} pts, to_ce {to['drift_pts']:+.1f} pts",
                     "met": abs(tv["drift_pts"]) <= 3 and to["drift_pts"] < 0})  # fmt: skip
-    if tv.get("step_speedup"):
-        out.append({"target": "RL step rs_tv >= 1.4x faster than no speculation",
-                    "measured": f"{tv['step_speedup']:.2f}x (rollout {tv['rollout_speedup']:.2f}x)",
-                    "met": tv["step_speedup"] >= 1.4})  # fmt: skip
-    auto = s.get("rs_tv_auto") or {}
-    if auto.get("step_speedup"):
-        out.append({"target": "RL step rs_tv_auto >= 1.2x faster than no speculation",
-                    "measured": f"{auto['step_speedup']:.2f}x (rollout {auto['rollout_speedup']:.2f}x)",
-                    "met": auto["step_speedup"] >= 1.2})  # fmt: skip
+    for name, goal in (("rs_tv", 1.4), ("rs_tv_auto", 1.2)):
+        run = s.get(name) or {}
+        if run.get("step_speedup"):
+            out.append({"target": f"RL step {name} >= {goal}x faster than no speculation",
+                        "measured": f"{run['step_speedup']:.2f}x (rollout {run['rollout_speedup']:.2f}x)",
+                        "met": run["step_speedup"] >= goal})  # fmt: skip
     return out
 
 

@@ -183,7 +183,7 @@ class GammaController:
         if c is not None and c.trusted:
             return c.estimate(quantile)
         known = [r for r, c in self.plain.items()
-                 if c.trusted and not (same_bucket and bucket(r) != bucket(rows))]  # fmt: skip
+                 if c.trusted and (not same_bucket or bucket(r) == bucket(rows))]  # fmt: skip
         if exact or not known:
             return None
         return self.plain[min(known, key=lambda r: (abs(r - rows), r))].estimate(quantile)

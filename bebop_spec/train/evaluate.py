@@ -282,8 +282,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> list[AcceptanceRow]:
     loaded = load_model(cfg.model, mtp=cfg.mtp, dtype=_DTYPES[cfg.dtype], device=cfg.device)
     if loaded.mtp is None:
         raise ValueError(f"no MTP head: {cfg.model} has none and no --mtp was given")
-    _check_data(ds, loaded.config.vocab_size)
     vocab = loaded.config.vocab_size
+    _check_data(ds, vocab)
     draft_ids = resolve_draft_vocab(cfg.mtp or cfg.model, cfg.draft_vocab_size, vocab)
     rows = []
     if cfg.analytic:
