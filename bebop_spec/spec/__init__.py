@@ -1,7 +1,7 @@
 """Pure tensor functions of speculative decoding: sampling transforms, chain verification
 (rs / to / greedy), acceptance formulas and statistics. See docs/architecture.md "spec/"."""
 
-from bebop_spec.spec.draft_vocab import expand_draft_logits, rank_tokens
+from bebop_spec.spec.draft_vocab import expand_draft_logits, expand_draft_probs, rank_tokens
 from bebop_spec.spec.penalties import PenaltyTensors, TokenHistory, apply_penalties, token_counts
 from bebop_spec.spec.sampling import (
     SamplingTensors,
@@ -32,6 +32,7 @@ __all__ = [
     "SpecStats",
     "TokenHistory",
     "expand_draft_logits",
+    "expand_draft_probs",
     "rank_tokens",
     "acceptance_rs",
     "acceptance_to",

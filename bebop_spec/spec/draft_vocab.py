@@ -18,6 +18,12 @@ def expand_draft_logits(sub: torch.Tensor, ids: torch.Tensor, vocab: int) -> tor
     return full.scatter_(1, ids.expand(sub.shape[0], -1), sub)
 
 
+def expand_draft_probs(sub: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """sub[B, K] probabilities of the draft tokens ids[K] -> q[B, V], 0 elsewhere."""
+    full = sub.new_zeros((sub.shape[0], vocab))
+    return full.scatter_(1, ids.expand(sub.shape[0], -1), sub)
+
+
 def rank_tokens(counts: torch.Tensor) -> list[int]:
     """Token ids, most frequent first; ties (and unseen tokens) in id order — BPE ids are
     themselves roughly in merge order, i.e. by frequency in the tokenizer's corpus."""
