@@ -50,6 +50,7 @@ def train_demo_head(
     init: str | None = None,
     draft_vocab_size: int | None = None,
     cache_hiddens: bool = False,
+    then: list[dict] | None = None,
 ) -> Path:
     """Self-distil the demo target at T = 1, warm a fresh head up with forward KL for
     `warm_steps`, train it `steps` more with `loss`; returns out_dir, which
@@ -59,8 +60,12 @@ def train_demo_head(
     existing self-distillation dataset instead of sampling one. `init` ("last_layer") is where
     the first stage starts (default: fresh); `draft_vocab_size` ranks the data's response
     tokens into out_dir/draft_vocab.json and trains drafting over the top ones;
-    `cache_hiddens` runs the target once over the data (out_dir/hiddens, removed at the end)."""
+    `cache_hiddens` runs the target once over the data (out_dir/hiddens, removed at the end);
+    `then` lists further runs (each a dict of `loss`, `steps`, `lr`, `seed`), each starting
+    from the head the one before it left with its own warm-up and cosine decay (a warm
+    restart); the log and the curve cover every run, steps counted across runs."""
     from bebop_spec.train.selfdistill import DataConfig, generate_dataset
+    from bebop_spec.train.train_log import read_log
     from bebop_spec.train.trainer import TrainConfig, plot_training_curve, train_mtp
 
     target_dir, out = Path(target_dir), Path(out_dir)
@@ -94,21 +99,26 @@ def train_demo_head(
                                lr=WARM_LR, warmup=max(1, warm_steps // 10), init_from=init,
                                **common)  # fmt: skip
         warm = train_mtp(warm_cfg)
-    start = str(warm.head_dir) if warm else init
-    cfg = TrainConfig(out=str(out / "run"), loss=loss, steps=steps, lr=lr,
-                      warmup=2 if warm else max(1, steps // 15), init_from=start,
-                      **common)  # fmt: skip
-    result = train_mtp(cfg)
+    runs = [dict(loss=loss, steps=steps, lr=lr, seed=seed), *(then or [])]
+    start, records, done = str(warm.head_dir) if warm else init, [], 0
+    for i, run in enumerate(runs):
+        cfg = TrainConfig(out=str(out / f"run{i}"), loss=run["loss"], steps=run["steps"],
+                          lr=run["lr"], warmup=2 if warm and not i else max(1, run["steps"] // 15),
+                          init_from=start, **{**common, "seed": run.get("seed", seed)})  # fmt: skip
+        result = train_mtp(cfg)
+        records += [{**r, "step": r["step"] + done, "run": i} for r in read_log(result.log_path)]
+        start, done = str(result.head_dir), done + result.step
     for f in result.head_dir.iterdir():  # the head itself lives at out_dir
         shutil.copy2(f, out / f.name)
-    shutil.copy2(result.log_path, out / result.log_path.name)
-    plot_training_curve(out / result.log_path.name, out / "training_curve.png")
+    log_path = out / result.log_path.name
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_training_curve(log_path, out / "training_curve.png")
     if warm is not None:
         shutil.copy2(warm.log_path, out / "warm_log.jsonl")
-    for d in ("run", "warm", "hiddens"):  # optimiser state, duplicate heads, the cache
-        shutil.rmtree(out / d, ignore_errors=True)
+    for d in [*(f"run{i}" for i in range(len(runs))), "warm", "hiddens"]:
+        shutil.rmtree(out / d, ignore_errors=True)  # optimiser state, duplicate heads, the cache
     summary = {
-        "loss": loss, "gamma": gamma, "steps": result.step, "seed": seed,
+        "loss": loss, "gamma": gamma, "steps": done, "seed": seed, "then": then,
         "warm_start": {"loss": WARM_LOSS, "steps": warm_steps} if warm_steps else None,
         "init": init or "fresh", "draft_vocab_size": draft_vocab_size,
         "data": {"sequences": meta.num_sequences, "response_tokens": meta.num_response_tokens},

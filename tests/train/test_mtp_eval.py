@@ -209,13 +209,17 @@ def test_train_demo_head_hook(tmp_path):
         ex = Example(domain, [{"role": "user", "content": f"a {domain} question"},
                               {"role": "assistant", "content": "an answer"}])  # fmt: skip
         (root / "corpus" / f"{domain}.train.jsonl").write_text(ex.to_json() + "\n")
+    then = [{"loss": "nla", "steps": 3, "lr": 1e-3, "seed": 5}]
     out = train_demo_head(target, tmp_path / "head", steps=2, warm_steps=1, num_prompts=1,
-                          max_tokens=12, progress=False)  # fmt: skip
+                          max_tokens=12, progress=False, then=then)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["data"]["sequences"] == 3
+    assert summary["steps"] == 5 and summary["data"]["sequences"] == 3
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["run"]) for r in log][-1] == (5, 1)  # the restart's steps follow on
+    assert [r["step"] for r in log] == sorted(r["step"] for r in log)
     assert summary["warm_start"] == {"loss": "fkl", "steps": 1}
     assert (out / "training_curve.png").is_file() and (out / "warm_log.jsonl").is_file()
-    assert not (out / "run").exists() and not (out / "warm").exists()
+    assert not any((out / d).exists() for d in ("run0", "run1", "warm", "hiddens"))
     llm = LLM(str(target), mtp=str(out), num_speculative_tokens=3)
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, seed=0))[0].outputs[0].token_ids
     assert isinstance(demo_head_stage.cache_key, str)
